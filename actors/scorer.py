@@ -1,0 +1,233 @@
+"""The scorer: holds the base model + a LoRA adapter and turns prompts into uncertainty columns.
+
+A plain class, so it runs in-process in tests and as a long-lived Ray actor (`ray.remote(Scorer)`) in a
+run. `__init__` loads the model once; `set_adapter` swaps LoRA weights in place; `score` is a pure
+function of (prompts, adapter, mode, seed).
+
+Modes:
+  base  adapter disabled, eval mode, one deterministic pass: u_base.
+  lora  adapter on, T passes with the LoRA input dropout (and optionally attention dropout) really
+        sampling: u_lora. Greedy answers for generation tasks are produced in eval mode first.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from typing import Any, Iterable, Optional
+
+import torch
+
+from actors.model import attach_lora, load_adapter_state, load_model, load_tokenizer, set_mc_dropout, use_fast_dropout
+from pipeline.config import LoraConfig, ModelConfig, ScoringConfig, TaskConfig, from_dict
+from pipeline.tasks import GenerationTask, VerbalizerTask, get_task
+from pipeline.uncertainty import generation_uncertainty, token_nll_and_entropy, verbalizer_uncertainty
+
+MODES = ("base", "lora")
+
+
+def verbalizer_token_ids(tokenizer, words: Iterable[str]) -> list[int]:
+    """The first token of each label word; they must differ, or the labels cannot be told apart."""
+    ids = []
+    for w in words:
+        toks = tokenizer(w, add_special_tokens=False).input_ids
+        if not toks:
+            raise ValueError(f"label word {w!r} encodes to no tokens")
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {list(words)} share a first token {ids}; choose words that differ in it")
+    return ids
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # Left padding: real tokens get positions 0..n-1, as they would unpadded.
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+class Scorer:
+    def __init__(
+        self,
+        model_path: str,
+        model: dict,
+        lora: dict,
+        task: dict,
+        scoring: dict,
+        num_threads: Optional[int] = None,
+        seed: int = 0,
+    ):
+        # Plain dicts in, typed configs rebuilt here: the actor never depends on driver globals.
+        self.model_cfg = from_dict(ModelConfig, model)
+        self.scoring_cfg = from_dict(ScoringConfig, scoring)
+        self.task = get_task(from_dict(TaskConfig, task))
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.seed = seed
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.tokenizer = load_tokenizer(model_path, self.model_cfg)
+        base = load_model(model_path, self.model_cfg, self.device)
+        self.model = attach_lora(base, from_dict(LoraConfig, lora))
+        if self.device.type == "cpu":
+            use_fast_dropout(self.model)
+        self.model_loads = 1
+        self.adapter_version = 0
+        if isinstance(self.task, VerbalizerTask):
+            self.label_ids = torch.tensor(verbalizer_token_ids(self.tokenizer, self.task.label_words), device=self.device)
+
+    # ---- adapter -------------------------------------------------------------------------------------
+    def set_adapter(self, state: dict[str, torch.Tensor]) -> int:
+        """Swap in new LoRA weights (arrives through the object store); returns the new version."""
+        load_adapter_state(self.model, {k: v.to(self.device) for k, v in state.items()})
+        self.adapter_version += 1
+        return self.adapter_version
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "model_loads": self.model_loads,
+            "adapter_version": self.adapter_version,
+            "device": str(self.device),
+            "dtype": str(next(self.model.parameters()).dtype),
+            "threads": torch.get_num_threads(),
+        }
+
+    # ---- scoring -------------------------------------------------------------------------------------
+    def score(self, batch: dict[str, list], mode: str) -> dict[str, list]:
+        """Uncertainty columns for `batch` (example_id, prompt), in the batch's own row order."""
+        if mode not in MODES:
+            raise ValueError(f"mode should be one of {MODES}, got {mode!r}")
+        unexpected = set(batch) - {"example_id", "prompt"}
+        if unexpected:  # label-free by construction: a scorer refuses anything beyond ids and prompts
+            raise ValueError(f"a scorer only takes example_id and prompt, got extra columns {sorted(unexpected)}")
+        ids, prompts = list(batch["example_id"]), list(batch["prompt"])
+        enc = self.tokenizer(prompts, add_special_tokens=True, truncation=True, max_length=self.model_cfg.max_length)
+        lengths = [len(x) for x in enc.input_ids]
+        order = sorted(range(len(ids)), key=lambda i: lengths[i])  # similar lengths share a batch: little padding
+        rows: list[Optional[dict]] = [None] * len(ids)
+        bs = self.scoring_cfg.batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            for i, r in zip(idx, self._score_batch([enc.input_ids[i] for i in idx], mode, ids[idx[0]])):
+                rows[i] = r
+        columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+        return {"example_id": ids, **columns}
+
+    def score_shard(self, shard, mode: str):
+        """Score one Ray Data shard (a DataIterator from `streaming_split`) and return a pyarrow Table."""
+        import pyarrow as pa
+
+        parts = []
+        # batch_size=None keeps the driver's blocks whole: each is one length-sorted micro-batch, so the
+        # dropout masks a row sees do not depend on which actor got it.
+        for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(pa.table(self.score(batch.to_pydict(), mode)))
+        return pa.concat_tables(parts) if parts else None
+
+    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @contextlib.contextmanager
+    def _mode(self, mode: str, sample: bool):
+        if mode == "base":
+            self.model.eval()
+            with self.model.disable_adapter():
+                yield
+            return
+        if sample:
+            set_mc_dropout(self.model, lora=True, attention=self.model_cfg.attention_dropout > 0)
+        try:
+            yield
+        finally:
+            self.model.eval()
+
+    def _passes(self, mode: str) -> int:
+        return 1 if mode == "base" else self.scoring_cfg.mc_passes
+
+    def _seed(self, key: str) -> None:
+        # A batch's dropout masks depend on the run seed and its first example_id only, so a result does
+        # not depend on which actor scored it or in what order.
+        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+
+    @torch.inference_mode()
+    def _score_batch(self, seqs: list[list[int]], mode: str, key: str) -> list[dict]:
+        self._seed(key)
+        if isinstance(self.task, GenerationTask):
+            return self._score_generation(seqs, mode)
+        return self._score_verbalizer(seqs, mode)
+
+    def _score_verbalizer(self, seqs: list[list[int]], mode: str) -> list[dict]:
+        ids, mask = self._pad(seqs)
+        pos = _positions(mask)
+        passes = []
+        with self._mode(mode, sample=True):
+            for _ in range(self._passes(mode)):
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
+                passes.append(torch.softmax(logits[:, -1, self.label_ids].float(), dim=-1))
+        u = verbalizer_uncertainty(torch.stack(passes, dim=1))
+        probs = u["probs"]
+        labels = self.task.labels
+        return [
+            {
+                "entropy": float(u["entropy"][i]),
+                "bald": float(u["bald"][i]),
+                "least_confidence": float(u["least_confidence"][i]),
+                "margin": float(u["margin"][i]),
+                "probs": probs[i].tolist(),
+                "prediction": labels[int(probs[i].argmax())],
+                "confidence": float(probs[i].max()),
+                "n_tokens": len(seqs[i]),
+            }
+            for i in range(len(seqs))
+        ]
+
+    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, mode: str) -> list[list[int]]:
+        eos = self.tokenizer.eos_token_id
+        with self._mode(mode, sample=False):
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=self.task.max_new_tokens,
+                do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+            )
+        answers = []
+        for row in out[:, ids.shape[1]:].tolist():
+            cut = row.index(eos) + 1 if eos in row else len(row)  # keep the EOS: stopping is part of the answer
+            answers.append(row[:cut] or [eos])
+        return answers
+
+    def _score_generation(self, seqs: list[list[int]], mode: str) -> list[dict]:
+        ids, mask = self._pad(seqs)
+        answers = self._greedy(ids, mask, mode)
+        width = max(len(a) for a in answers)
+        ans = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        ans_mask = torch.zeros_like(ans)
+        for i, a in enumerate(answers):
+            ans[i, : len(a)] = torch.tensor(a)
+            ans_mask[i, : len(a)] = 1
+        full, full_mask = torch.cat([ids, ans], 1), torch.cat([mask, ans_mask], 1)
+        pos = _positions(full_mask)
+        nll, ent = [], []
+        with self._mode(mode, sample=True):
+            for _ in range(self._passes(mode)):
+                logits = self.model(input_ids=full, attention_mask=full_mask, position_ids=pos, logits_to_keep=width + 1).logits
+                n, e = token_nll_and_entropy(logits[:, :-1], ans, ans_mask)  # position j predicts answer token j
+                nll.append(n)
+                ent.append(e)
+        u = generation_uncertainty(torch.stack(nll, 1), torch.stack(ent, 1))
+        texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
+        return [
+            {
+                "pe": float(u["pe"][i]),
+                "me": float(u["me"][i]),
+                "confidence": float(u["confidence"][i]),
+                "answer": texts[i],
+                "prediction": self.task.extract(texts[i]),
+                "n_tokens": len(seqs[i]) + len(answers[i]),
+            }
+            for i in range(len(seqs))
+        ]

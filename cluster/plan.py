@@ -1,0 +1,42 @@
+"""How big the cluster is, and how the long-lived scorers are laid out on it.
+
+The rule, for the same code on 2 CPU cores or N GPUs:
+  * GPUs present: one scorer per GPU (capped by scoring.num_actors). Each holds `1 - train_share` of its
+    GPU, so a Ray Train worker can still be placed beside it; on one GPU, scoring and training time-share.
+  * CPU only: `scoring.num_actors` scorers (default: one per 2 cores, at least 2 so the pool is really
+    sharded), each with `cluster.scorer_cpus` logical CPUs (default 0.25, never all of them: Ray Train
+    would wait forever for CPUs held by idle scorers) and an even share of the cores as torch threads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    num_scorers: int
+    scorer_cpus: float
+    scorer_gpus: float
+    threads_per_scorer: int
+    use_gpu: bool
+
+    def describe(self) -> str:
+        where = f"{self.scorer_gpus:g} GPU" if self.use_gpu else f"{self.threads_per_scorer} thread(s)"
+        return f"{self.num_scorers} scorer(s), each {where}, {self.scorer_cpus:g} logical CPU"
+
+
+def plan_resources(
+    resources: dict,
+    num_scorers: Optional[int] = None,
+    scorer_cpus: float = 0.25,
+    train_share: float = 0.5,
+) -> ResourcePlan:
+    """Lay out scorers on `resources` (as from `ray.cluster_resources()`)."""
+    cpus = int(resources.get("CPU", 1))
+    gpus = int(resources.get("GPU", 0))
+    if gpus > 0:
+        n = min(num_scorers or gpus, gpus)
+        return ResourcePlan(n, scorer_cpus, 1.0 - train_share, max(1, cpus // n), use_gpu=True)
+    n = num_scorers or max(2, cpus // 2)
+    return ResourcePlan(n, scorer_cpus, 0.0, max(1, cpus // n), use_gpu=False)

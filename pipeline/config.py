@@ -1,0 +1,213 @@
+"""Typed, validated configuration. YAML is only its serialization: unknown keys are errors.
+
+Every error names the dotted field and the bad value, e.g. "scoring.mc_passes should be >= 1, got 0".
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the field."""
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclass
+class ModelConfig:
+    name: str = SMOLLM2_ID  # HF id or local dir; the SmolLM2 id falls back to the offline PyPI copy
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA/AMX CPUs, else fp32
+    trust_remote_code: bool = False  # off unless asked: remote code runs arbitrary Python
+    attention_dropout: float = 0.0  # >0 also drops attention in MC passes (Llama has no other dropout)
+    max_length: int = 512  # prompt+answer tokens; longer prompts are truncated from the left
+    cache_dir: Optional[str] = None  # where converted weights live; default $DEFT_CACHE or ~/.cache/deft
+
+    def __post_init__(self):
+        _require(bool(self.name), "model.name should be a HF id or a directory, got ''")
+        _require(0.0 <= self.attention_dropout < 1.0, f"model.attention_dropout should be in [0, 1), got {self.attention_dropout}")
+        _require(self.max_length >= 8, f"model.max_length should be >= 8, got {self.max_length}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64  # paper: rank 64
+    alpha: int = 16  # paper: alpha 16
+    dropout: float = 0.1  # dropout on the LoRA input; also what MC passes switch on
+    target_modules: Optional[list[str]] = None  # None: q,k,v,o + MLP projections for the architecture
+
+    def __post_init__(self):
+        _require(self.r > 0, f"lora.r should be positive, got {self.r}")
+        _require(self.alpha > 0, f"lora.alpha should be positive, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"lora.dropout should be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["boolq", "obqa", "gsm8k", "demo", "custom"] = "boolq"
+    # Only for name=custom:
+    kind: Literal["verbalizer", "generation"] = "verbalizer"
+    input_fields: list[str] = field(default_factory=lambda: ["question"])
+    answer_field: str = "answer"
+    prompt_template: str = "{question}\nAnswer:"
+    labels: list[str] = field(default_factory=list)  # verbalizer: the label set, as it appears in answer_field
+    label_words: list[str] = field(default_factory=list)  # verbalizer: text the model emits for each label
+    answer_regex: str = ""  # generation: regex whose group 1 is the answer; default "#### <number>"
+    max_new_tokens: int = 256  # generation: greedy answer length
+
+    def __post_init__(self):
+        _require(self.max_new_tokens >= 1, f"task.max_new_tokens should be >= 1, got {self.max_new_tokens}")
+        if self.name != "custom" or self.kind != "verbalizer":
+            return
+        _require(len(self.labels) >= 2, f"task.labels should list at least 2 labels for a verbalizer task, got {self.labels}")
+        _require(len(set(self.labels)) == len(self.labels), f"task.labels should be distinct, got {self.labels}")
+        _require(
+            not self.label_words or len(self.label_words) == len(self.labels),
+            f"task.label_words should have one word per label ({len(self.labels)}), got {self.label_words}",
+        )
+
+
+@dataclass
+class DataConfig:
+    path: str = "demo"  # JSONL/Parquet/CSV file, "hf:<id>[:<config>]:<split>", or "demo"
+    test_path: Optional[str] = None  # evaluation split, same forms
+    id_field: Optional[str] = None  # column holding a stable id; default: a hash of the row's content
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop bad rows, count and report them
+    limit: Optional[int] = None  # use only the first N good rows
+    demo_size: int = 400  # rows of the generated demo pool
+
+    def __post_init__(self):
+        _require(self.limit is None or self.limit > 0, f"data.limit should be positive, got {self.limit}")
+
+
+@dataclass
+class ScoringConfig:
+    mc_passes: int = 3  # T, the paper's value
+    batch_size: int = 16  # rows per forward pass
+    bucket_size: int = 256  # rows sorted by length together, so each batch pads little
+    num_actors: Optional[int] = None  # None: the resource plan decides
+    base_measure: str = "entropy"  # which column is u_base / u_lora (entropy, bald, least_confidence, margin, pe, me)
+
+    def __post_init__(self):
+        _require(self.mc_passes >= 1, f"scoring.mc_passes should be >= 1, got {self.mc_passes}")
+        _require(self.batch_size >= 1, f"scoring.batch_size should be >= 1, got {self.batch_size}")
+        _require(self.bucket_size >= self.batch_size, f"scoring.bucket_size should be >= batch_size ({self.batch_size}), got {self.bucket_size}")
+        _require(self.num_actors is None or self.num_actors >= 1, f"scoring.num_actors should be >= 1, got {self.num_actors}")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: RAY_ADDRESS, else an embedded local Ray
+    num_cpus: Optional[int] = None  # embedded Ray only; None: all cores
+    temp_dir: Optional[str] = None  # embedded Ray's session files
+    scorer_cpus: float = 0.25  # logical CPUs a long-lived scorer holds; small so Ray Train can still start
+
+    def __post_init__(self):
+        _require(0.0 <= self.scorer_cpus, f"cluster.scorer_cpus should be >= 0, got {self.scorer_cpus}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seed: int = 0
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        _require(isinstance(value, dict), f"{where} should be a mapping, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            _require(type(None) in args, f"{where} should not be empty")
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is Literal:
+        _require(value in args, f"{where} should be one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        _require(isinstance(value, (list, tuple)), f"{where} should be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        _require(isinstance(value, bool), f"{where} should be true or false, got {value!r}")
+        return value
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), f"{where} should be an integer, got {value!r}")
+        return value
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} should be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), f"{where} should be a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        _require(key in names, f"unknown config key '{where + '.' if where else ''}{key}' (known: {sorted(names)})")
+    kwargs = {k: _coerce(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'scoring.mc_passes=5' -> (['scoring', 'mc_passes'], 5); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    _require(bool(sep) and bool(key), f"--set expects key=value, got {text!r}")
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            _require(isinstance(node, dict), f"--set {text}: '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read YAML (or start from defaults when path is None), apply `key=value` overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        _require(p.is_file(), f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        _require(isinstance(data, dict), f"{p}: the top level should be a mapping")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(Config, data)

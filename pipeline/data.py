@@ -1,0 +1,190 @@
+"""Pools: rows from JSONL, Parquet, CSV, a HF `datasets` id or the generated demo, each with a stable example_id.
+
+A pool table has the columns
+  example_id  stable id: the row's `id_field`, else a hash of its content (never its position)
+  prompt      what the model sees
+  label       the gold label (hidden from scorers; only the oracle reads it)
+  target      the text trained after the prompt
+
+Bad rows are reported with file and line. The load fails with that report, or, with on_bad_row="skip",
+drops and counts them. It never fails silently.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pyarrow as pa
+
+from pipeline.tasks import BadRow, Task
+
+POOL_SCHEMA = pa.schema(
+    [("example_id", pa.string()), ("prompt", pa.string()), ("label", pa.string()), ("target", pa.string())]
+)
+SCORER_COLUMNS = ["example_id", "prompt"]  # all a scorer may see: no label, no target
+_SHOWN_ERRORS = 20
+
+
+class DataError(ValueError):
+    """The data could not be loaded; the message lists the bad rows by file and line."""
+
+
+@dataclass(frozen=True)
+class BadRowRecord:
+    source: str
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: field '{self.field}': {self.message}"
+
+
+@dataclass
+class Pool:
+    table: pa.Table
+    source: str
+    skipped: list[BadRowRecord] = field(default_factory=list)
+
+    @property
+    def example_ids(self) -> list[str]:
+        return self.table.column("example_id").to_pylist()
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def for_scoring(self) -> pa.Table:
+        """The only view of the pool a scorer gets: ids and prompts, never labels."""
+        return self.table.select(SCORER_COLUMNS)
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRow]]:
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                yield line_no, BadRow("<json>", f"undecodable JSON: {e}")
+                continue
+            yield line_no, row if isinstance(row, dict) else BadRow("<json>", f"expected an object, got {type(row).__name__}")
+
+
+def _read_table(table: pa.Table, first_line: int) -> Iterator[tuple[int, dict]]:
+    for i, row in enumerate(table.to_pylist()):
+        yield i + first_line, row
+
+
+def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | BadRow]]:
+    # stdlib csv rather than pyarrow.csv: it keeps every value as text (a label "1" stays "1") and
+    # reports the real file line of each record, even when a quoted field spans lines.
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        start = 2
+        for row in reader:
+            if None in row:
+                yield start, BadRow("<csv>", f"{len(row[None])} more value(s) than header columns")
+            else:
+                yield start, row
+            start = reader.line_num + 1
+
+
+def _read_hf(spec: str) -> Iterator[tuple[int, dict]]:
+    import datasets
+
+    parts = spec[len("hf:"):].split(":")
+    if len(parts) not in (2, 3):
+        raise DataError(f"{spec}: expected hf:<dataset id>[:<config>]:<split>")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    ds = datasets.load_dataset(name, config, split=split)
+    for i, row in enumerate(ds):
+        yield i + 1, row
+
+
+def read_rows(source: str, demo_size: int = 400, seed: int = 0) -> Iterator[tuple[int, dict | BadRow]]:
+    """(line, row) pairs; line is the file line for JSONL/CSV and the 1-based row number otherwise."""
+    if source == "demo":
+        from pipeline.demo import demo_rows
+
+        yield from enumerate(demo_rows(demo_size, seed), start=1)
+        return
+    if source.startswith("hf:"):
+        yield from _read_hf(source)
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        yield from _read_jsonl(path)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from _read_table(pq.read_table(path), first_line=1)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"{path}: unknown format '{suffix}'; expected .jsonl, .parquet, .csv or .tsv")
+
+
+def content_id(row: dict) -> str:
+    """A stable id from the row's content: the same row gets the same id in every run and every order."""
+    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def _row_id(row: dict, id_field: Optional[str]) -> str:
+    if id_field is None:
+        return content_id(row)
+    value = row.get(id_field)
+    if value is None or str(value).strip() == "":
+        raise BadRow(id_field, "missing id")
+    return str(value)
+
+
+def load_pool(
+    source: str,
+    task: Task,
+    *,
+    id_field: Optional[str] = None,
+    on_bad_row: str = "error",
+    limit: Optional[int] = None,
+    require_label: bool = True,
+    demo_size: int = 400,
+    seed: int = 0,
+) -> Pool:
+    """Load and validate a pool. Raises DataError listing every bad row unless on_bad_row == 'skip'."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}")
+    rows, bad, first_line = [], [], {}
+    for line, row in read_rows(source, demo_size, seed):
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            example_id = _row_id(row, id_field)
+            if example_id in first_line:
+                raise BadRow(id_field or "<row>", f"duplicate example_id {example_id!r} (first seen at line {first_line[example_id]})")
+            ex = task.example(row, require_label=require_label)
+        except BadRow as e:
+            bad.append(BadRowRecord(source, line, e.field, str(e).split(": ", 1)[1]))
+            continue
+        first_line[example_id] = line
+        rows.append({"example_id": example_id, **ex})
+        if limit is not None and len(rows) >= limit:
+            break
+    if bad and on_bad_row == "error":
+        shown = "\n  ".join(str(b) for b in bad[:_SHOWN_ERRORS])
+        more = f"\n  ... and {len(bad) - _SHOWN_ERRORS} more" if len(bad) > _SHOWN_ERRORS else ""
+        raise DataError(
+            f"{len(bad)} bad row(s) in {source}:\n  {shown}{more}\n"
+            "Fix them, or set data.on_bad_row=skip to drop and count them."
+        )
+    if not rows:
+        raise DataError(f"{source}: no usable rows")
+    return Pool(pa.Table.from_pylist(rows, schema=POOL_SCHEMA), source, bad)

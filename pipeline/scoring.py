@@ -1,0 +1,143 @@
+"""Driver side of pool scoring: long-lived scoring actors, Ray Data sharding, exactly-once results.
+
+Ray is imported inside the functions so that the rest of `pipeline` stays importable and testable
+without it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import Config, to_dict
+from pipeline.data import SCORER_COLUMNS
+from pipeline.io import read_parquet, write_parquet
+
+log = logging.getLogger(__name__)
+
+
+class ScoringError(RuntimeError):
+    pass
+
+
+def length_sorted_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
+    """Sort by prompt length (then id, for a fixed order) and cut into blocks of one micro-batch each.
+
+    Sorting makes each batch pad only to its own longest prompt. Fixed blocks make a row's batch-mates,
+    and so its dropout masks, the same whichever actor scores it.
+    """
+    lengths = pc.utf8_length(table.column("prompt"))
+    table = table.append_column("_len", lengths).sort_by([("_len", "ascending"), ("example_id", "ascending")])
+    table = table.drop_columns(["_len"])
+    return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+
+
+def check_exactly_once(expected: list[str], got: pa.Table) -> None:
+    """Raise unless `got` has exactly one row per expected example_id."""
+    ids = got.column("example_id").to_pylist()
+    dupes = len(ids) - len(set(ids))
+    missing = set(expected) - set(ids)
+    extra = set(ids) - set(expected)
+    if dupes or missing or extra:
+        raise ScoringError(
+            f"scoring lost or duplicated rows: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+            f"{dupes} duplicated, {len(extra)} unexpected"
+        )
+
+
+def in_order(table: pa.Table, example_ids: list[str]) -> pa.Table:
+    """Reorder `table` to follow `example_ids`."""
+    index = {e: i for i, e in enumerate(table.column("example_id").to_pylist())}
+    return table.take(pa.array([index[e] for e in example_ids], pa.int64()))
+
+
+class PoolScorer:
+    """N long-lived scoring actors. The base model loads once per actor for the whole run; each round
+    only the adapter (a few MB) travels, through the object store."""
+
+    def __init__(self, cfg: Config, model_path: str, plan=None):
+        import ray
+
+        from actors.scorer import Scorer
+        from cluster.plan import plan_resources
+
+        self.cfg = cfg
+        self.plan = plan or plan_resources(ray.cluster_resources(), cfg.scoring.num_actors, cfg.cluster.scorer_cpus)
+        remote = ray.remote(Scorer).options(num_cpus=self.plan.scorer_cpus, num_gpus=self.plan.scorer_gpus)
+        kwargs = dict(
+            model_path=model_path,
+            model=to_dict(cfg.model),
+            lora=to_dict(cfg.lora),
+            task=to_dict(cfg.task),
+            scoring=to_dict(cfg.scoring),
+            num_threads=self.plan.threads_per_scorer,
+            seed=cfg.seed,
+        )
+        t0 = time.perf_counter()
+        self.actors = [remote.remote(**kwargs) for _ in range(self.plan.num_scorers)]
+        self.info()  # waits for every model to load, so a load error surfaces here
+        log.info("%s ready in %.1fs", self.plan.describe(), time.perf_counter() - t0)
+
+    def info(self) -> list[dict]:
+        import ray
+
+        return ray.get([a.info.remote() for a in self.actors])
+
+    def set_adapter(self, state: dict) -> int:
+        """Put the adapter into the object store once; every actor swaps it in from the same reference."""
+        import ray
+
+        ref = ray.put(state)
+        versions = ray.get([a.set_adapter.remote(ref) for a in self.actors])
+        return versions[0]
+
+    def score(self, table: pa.Table, mode: str) -> pa.Table:
+        """One row per example_id of `table` (example_id, prompt), in `table`'s order."""
+        import ray
+
+        if table.column_names != SCORER_COLUMNS:
+            raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {table.column_names}")
+        if table.num_rows == 0:
+            raise ScoringError("nothing to score: the pool is empty")
+        blocks = length_sorted_blocks(table, self.cfg.scoring.batch_size)
+        ds = ray.data.from_arrow(blocks)
+        shards = ds.streaming_split(len(self.actors), equal=False)
+        parts = ray.get([a.score_shard.remote(s, mode) for a, s in zip(self.actors, shards)])
+        result = pa.concat_tables([p for p in parts if p is not None], promote_options="default")
+        ids = table.column("example_id").to_pylist()
+        check_exactly_once(ids, result)
+        return in_order(result, ids)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def base_uncertainty(scorer: PoolScorer, table: pa.Table, cache: Optional[Path] = None) -> pa.Table:
+    """u_base for every row: the frozen base never changes, so it is scored once and cached.
+
+    Rows already in `cache` are reused; only new example_ids are scored, then the cache is rewritten
+    atomically.
+    """
+    ids = table.column("example_id").to_pylist()
+    cached = read_parquet(cache) if cache is not None and Path(cache).is_file() else None
+    if cached is not None:
+        known = set(cached.column("example_id").to_pylist())
+        todo = table.filter(pc.invert(pc.is_in(table.column("example_id"), value_set=pa.array(sorted(known), pa.string()))))
+    else:
+        todo = table
+    if todo.num_rows:
+        fresh = scorer.score(todo, "base")
+        cached = fresh if cached is None else pa.concat_tables([cached, fresh], promote_options="default")
+        if cache is not None:
+            write_parquet(cache, cached)
+    keep = cached.filter(pc.is_in(cached.column("example_id"), value_set=pa.array(ids, pa.string())))
+    check_exactly_once(ids, keep)
+    return in_order(keep, ids)

@@ -1,0 +1,117 @@
+"""Pool loading: formats, stable example_ids, and bad rows reported with file and line."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data import DataError, load_pool
+from pipeline.tasks import boolq, gsm8k, obqa
+
+from conftest import SHARED
+
+Q = "Please answer the following question with true or false, question: is {}?\n\nAnswer format: true/false"
+
+
+def row(i, label="true"):
+    return {"question": Q.format(f"thing {i} real"), "answer": f"the correct answer is {label}"}
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines))
+    return path
+
+
+@pytest.fixture
+def bad_file(tmp_path):
+    return write_jsonl(
+        tmp_path / "pool.jsonl",
+        [
+            row(1),                                    # line 1 ok
+            {"answer": "the correct answer is true"},  # line 2 missing question
+            {"question": "   ", "answer": "true"},     # line 3 empty text
+            row(4, label="maybe"),                     # line 4 label outside the set
+            row(1),                                    # line 5 duplicate of line 1
+            '{"question": "broken',                    # line 6 undecodable JSON
+            row(7, label="false"),                     # line 7 ok
+        ],
+    )
+
+
+def test_bad_rows_fail_with_file_and_line(bad_file):
+    with pytest.raises(DataError) as err:
+        load_pool(str(bad_file), boolq())
+    msg = str(err.value)
+    assert "5 bad row(s)" in msg
+    assert f"{bad_file}:2: field 'question': missing" in msg
+    assert f"{bad_file}:3: field 'question': empty text" in msg
+    assert f"{bad_file}:4: field 'answer': label 'the correct answer is maybe' is not in the label set" in msg
+    assert f"{bad_file}:5: field '<row>': duplicate example_id" in msg and "first seen at line 1" in msg
+    assert f"{bad_file}:6: field '<json>': undecodable JSON" in msg
+    assert "data.on_bad_row=skip" in msg
+
+
+def test_skip_drops_and_counts_bad_rows(bad_file):
+    pool = load_pool(str(bad_file), boolq(), on_bad_row="skip")
+    assert len(pool) == 2
+    assert pool.table.column("label").to_pylist() == ["true", "false"]
+    assert [b.line for b in pool.skipped] == [2, 3, 4, 5, 6]
+
+
+def test_ids_are_stable_content_hashes_not_positions(tmp_path):
+    rows = [row(i, "true" if i % 2 else "false") for i in range(6)]
+    a = load_pool(str(write_jsonl(tmp_path / "a.jsonl", rows)), boolq())
+    b = load_pool(str(write_jsonl(tmp_path / "b.jsonl", rows[::-1])), boolq())
+    assert a.example_ids == b.example_ids[::-1]
+    assert len(set(a.example_ids)) == 6
+
+
+def test_id_field_is_used_and_checked(tmp_path):
+    rows = [{**row(i), "uid": f"q{i}"} for i in range(3)] + [{**row(9), "uid": "q0"}]
+    with pytest.raises(DataError, match=r":4: field 'uid': duplicate example_id 'q0'"):
+        load_pool(str(write_jsonl(tmp_path / "p.jsonl", rows)), boolq(), id_field="uid")
+    pool = load_pool(str(write_jsonl(tmp_path / "p.jsonl", rows[:3])), boolq(), id_field="uid")
+    assert pool.example_ids == ["q0", "q1", "q2"]
+
+
+def test_scorer_view_has_no_labels(tmp_path):
+    pool = load_pool(str(write_jsonl(tmp_path / "p.jsonl", [row(1), row(2, "false")])), boolq())
+    assert pool.for_scoring().column_names == ["example_id", "prompt"]
+
+
+def test_parquet_and_csv(tmp_path):
+    rows = [row(i) for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert len(load_pool(str(tmp_path / "p.parquet"), boolq())) == 3
+    (tmp_path / "p.csv").write_text(
+        'question,answer\n"Which?\nAnswerA x\nAnswerB y",B\n"Second, with a comma",Z\n"Third",C\n'
+    )
+    with pytest.raises(DataError, match=r"p.csv:5: field 'answer': label 'Z'"):  # the quoted field spans lines 2-4
+        load_pool(str(tmp_path / "p.csv"), obqa())
+    assert load_pool(str(tmp_path / "p.csv"), obqa(), on_bad_row="skip").table.column("label").to_pylist() == ["B", "C"]
+
+
+def test_missing_file_and_unknown_format(tmp_path):
+    with pytest.raises(DataError, match="data file not found"):
+        load_pool(str(tmp_path / "none.jsonl"), boolq())
+    (tmp_path / "p.xml").write_text("<a/>")
+    with pytest.raises(DataError, match="unknown format '.xml'"):
+        load_pool(str(tmp_path / "p.xml"), boolq())
+
+
+def test_demo_pool_is_seeded_and_balanced():
+    a, b = load_pool("demo", boolq(), demo_size=50, seed=3), load_pool("demo", boolq(), demo_size=50, seed=3)
+    assert a.example_ids == b.example_ids
+    assert a.table.column("label").to_pylist().count("true") == 25
+
+
+@pytest.mark.parametrize("task,name,n", [(boolq(), "boolq", 9427), (gsm8k(), "gsm8k", 7473)])
+def test_shared_datasets_load(task, name, n):
+    pool = load_pool(str(SHARED / name / "train.jsonl"), task)
+    assert len(pool) == n
+
+
+def test_obqa_train_has_duplicate_rows_that_skip_removes():
+    with pytest.raises(DataError, match="5 bad row"):
+        load_pool(str(SHARED / "obqa" / "train.jsonl"), obqa())
+    assert len(load_pool(str(SHARED / "obqa" / "train.jsonl"), obqa(), on_bad_row="skip")) == 4952

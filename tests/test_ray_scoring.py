@@ -1,0 +1,102 @@
+"""Scoring through local Ray with 2 long-lived actors: exactly one score per example_id, the same numbers
+as single-process scoring, and u_base computed once and cached."""
+import pyarrow as pa
+import pytest
+import torch
+
+from actors.model import adapter_state
+from actors.scorer import Scorer
+from pipeline.data import load_pool
+from pipeline.io import read_parquet
+from pipeline.scoring import PoolScorer, ScoringError, base_uncertainty, check_exactly_once, length_sorted_blocks
+from pipeline.tasks import demo
+
+from conftest import scorer_kwargs, tiny_config, trained_like_adapter
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model_dir):
+    return tiny_config(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def pool_table():
+    return load_pool("demo", demo(), demo_size=41).for_scoring()  # 41: blocks of 4 leave a ragged one
+
+
+@pytest.fixture(scope="module")
+def pool_scorer(ray_local, cfg, tiny_model_dir):
+    ps = PoolScorer(cfg, tiny_model_dir)
+    yield ps
+    ps.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_scorer(cfg, tiny_model_dir):
+    return Scorer(**scorer_kwargs(cfg, tiny_model_dir))
+
+
+def _as_batch(table):
+    return {k: table.column(k).to_pylist() for k in table.column_names}
+
+
+def _blockwise(scorer, table, mode, rows):
+    # Single-process reference that sees the same fixed blocks the actors see.
+    parts = [pa.table(scorer.score(_as_batch(b), mode)) for b in length_sorted_blocks(table, rows)]
+    out = pa.concat_tables(parts)
+    index = {e: i for i, e in enumerate(out.column("example_id").to_pylist())}
+    return out.take([index[e] for e in table.column("example_id").to_pylist()])
+
+
+def test_two_actors_each_do_work(pool_scorer):
+    infos = pool_scorer.info()
+    assert len(infos) == 2 and len({i["pid"] for i in infos}) == 2
+    assert all(i["model_loads"] == 1 and i["threads"] == 1 for i in infos)
+
+
+def test_exactly_one_score_per_example_and_equal_to_single_process(pool_scorer, local_scorer, pool_table):
+    out = pool_scorer.score(pool_table, "base")
+    ids = pool_table.column("example_id").to_pylist()
+    assert out.column("example_id").to_pylist() == ids
+    assert len(set(out.column("example_id").to_pylist())) == len(ids) == 41
+    alone = local_scorer.score(_as_batch(pool_table), "base")
+    assert torch.allclose(torch.tensor(out.column("entropy").to_pylist()), torch.tensor(alone["entropy"]), atol=1e-5)
+    assert out.column("prediction").to_pylist() == alone["prediction"]
+
+
+def test_mc_scores_do_not_depend_on_which_actor_scored(pool_scorer, local_scorer, pool_table, cfg):
+    state = trained_like_adapter(adapter_state(local_scorer.model))
+    pool_scorer.set_adapter(state)
+    local_scorer.set_adapter(state)
+    out = pool_scorer.score(pool_table, "lora")
+    ref = _blockwise(local_scorer, pool_table, "lora", cfg.scoring.batch_size)
+    assert min(out.column("bald").to_pylist()) > 0
+    assert torch.allclose(torch.tensor(out.column("bald").to_pylist()), torch.tensor(ref.column("bald").to_pylist()), atol=1e-6)
+    assert [i["adapter_version"] for i in pool_scorer.info()] == [1, 1]
+
+
+def test_scorers_reject_tables_with_labels(pool_scorer, pool_table):
+    with pytest.raises(ScoringError, match="exactly"):
+        pool_scorer.score(pool_table.append_column("label", pa.array(["true"] * pool_table.num_rows)), "base")
+
+
+def test_base_uncertainty_is_cached(pool_scorer, pool_table, tmp_path):
+    cache = tmp_path / "base_uncertainty.parquet"
+    first = base_uncertainty(pool_scorer, pool_table.slice(0, 30), cache)
+    assert read_parquet(cache).num_rows == 30
+
+    class NoScoring:
+        def score(self, table, mode):
+            raise AssertionError(f"rescored {table.num_rows} rows")
+
+    again = base_uncertainty(NoScoring(), pool_table.slice(0, 30), cache)
+    assert again.column("entropy").to_pylist() == first.column("entropy").to_pylist()
+    grown = base_uncertainty(pool_scorer, pool_table, cache)  # only the 11 new rows are scored
+    assert grown.num_rows == 41 and read_parquet(cache).num_rows == 41
+
+
+def test_check_exactly_once_reports_losses():
+    with pytest.raises(ScoringError, match="1 missing.*1 duplicated"):
+        check_exactly_once(["a", "b", "c"], pa.table({"example_id": ["a", "a", "b"]}))

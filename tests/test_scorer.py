@@ -1,0 +1,142 @@
+"""The scorer in-process on a tiny random Llama: MC dropout really samples, base scoring is deterministic,
+padding does not change a row's score, and nothing but ids and prompts gets in."""
+import pytest
+import torch
+
+from actors.model import FastDropout, adapter_state, set_mc_dropout
+from actors.scorer import Scorer
+from pipeline.data import load_pool
+from pipeline.tasks import demo
+
+from conftest import scorer_kwargs, tiny_config, trained_like_adapter
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_model_dir):
+    return Scorer(**scorer_kwargs(tiny_config(tiny_model_dir), tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    table = load_pool("demo", demo(), demo_size=12).for_scoring()
+    return {k: table.column(k).to_pylist() for k in table.column_names}
+
+
+@pytest.fixture
+def trained(scorer):
+    fresh = adapter_state(scorer.model)
+    scorer.set_adapter(trained_like_adapter(fresh))
+    yield scorer
+    scorer.set_adapter(fresh)
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits[:, -1]
+
+
+def test_mc_passes_differ_and_eval_passes_do_not(trained):
+    model = trained.model
+    ids = torch.tensor([trained.tokenizer("is 12 + 30 greater than 40?").input_ids])
+    model.eval()
+    assert torch.equal(_logits(model, ids), _logits(model, ids))
+    set_mc_dropout(model)
+    a, b = _logits(model, ids), _logits(model, ids)
+    sampling = [m for m in model.modules() if m.training and not list(m.children())]
+    model.eval()
+    assert not torch.allclose(a, b)
+    assert sampling and all(isinstance(m, FastDropout) for m in sampling)  # only the LoRA dropouts sample
+
+
+def test_lora_mode_gives_bald_and_base_mode_is_deterministic(trained, batch):
+    lora = trained.score(batch, "lora")
+    assert all(b > 0 for b in lora["bald"])  # passes disagree on every row
+    base1, base2 = trained.score(batch, "base"), trained.score(batch, "base")
+    assert base1["entropy"] == base2["entropy"]
+    assert all(b == 0 for b in base1["bald"])  # one deterministic pass
+    assert lora["entropy"] != base1["entropy"]  # the adapter is really on in lora mode
+
+
+def test_mc_scoring_is_reproducible_for_a_fixed_seed(trained, batch):
+    assert trained.score(batch, "lora")["bald"] == trained.score(batch, "lora")["bald"]
+
+
+def test_fresh_adapter_equals_base(scorer, batch):
+    # B = 0: the adapter adds nothing, and LoRA dropout (applied before A) cannot change the output.
+    lora, base = scorer.score(batch, "lora"), scorer.score(batch, "base")
+    assert torch.allclose(torch.tensor(lora["probs"]), torch.tensor(base["probs"]), atol=1e-6)
+    assert lora["bald"] == pytest.approx([0.0] * len(batch["prompt"]), abs=1e-9)
+
+
+def test_set_adapter_changes_u_lora_not_u_base(scorer, batch):
+    before_lora, before_base = scorer.score(batch, "lora"), scorer.score(batch, "base")
+    fresh = adapter_state(scorer.model)
+    version = scorer.set_adapter(trained_like_adapter(fresh, seed=5))
+    try:
+        after_lora, after_base = scorer.score(batch, "lora"), scorer.score(batch, "base")
+    finally:
+        scorer.set_adapter(fresh)
+    assert after_lora["entropy"] != pytest.approx(before_lora["entropy"])
+    assert after_base["entropy"] == before_base["entropy"]
+    assert scorer.info()["adapter_version"] >= version and scorer.info()["model_loads"] == 1
+
+
+def test_batched_scores_equal_one_at_a_time(scorer, batch):
+    together = scorer.score(batch, "base")
+    for i in range(len(batch["prompt"])):
+        alone = scorer.score({"example_id": [batch["example_id"][i]], "prompt": [batch["prompt"][i]]}, "base")
+        assert torch.allclose(torch.tensor(alone["probs"][0]), torch.tensor(together["probs"][i]), atol=1e-5)
+
+
+def test_results_keep_the_input_order(scorer, batch):
+    out = scorer.score(batch, "base")
+    assert out["example_id"] == batch["example_id"]
+    reversed_batch = {k: v[::-1] for k, v in batch.items()}
+    assert scorer.score(reversed_batch, "base")["entropy"] == pytest.approx(out["entropy"][::-1], abs=1e-6)
+
+
+def test_scorer_refuses_labels(scorer, batch):
+    with pytest.raises(ValueError, match=r"extra columns \['label'\]"):
+        scorer.score({**batch, "label": ["true"] * len(batch["prompt"])}, "base")
+    with pytest.raises(ValueError, match="mode"):
+        scorer.score(batch, "gold")
+
+
+def test_bad_adapter_is_rejected(scorer):
+    state = adapter_state(scorer.model)
+    broken = dict(list(state.items())[1:])
+    with pytest.raises(ValueError, match="missing LoRA keys"):
+        scorer.set_adapter(broken)
+
+
+def test_generation_scoring_matches_a_hand_computation(tiny_model_dir):
+    cfg = tiny_config(tiny_model_dir, task={"name": "gsm8k", "max_new_tokens": 6})
+    gen = Scorer(**scorer_kwargs(cfg, tiny_model_dir))
+    prompts = ["Question: how many is 3 + 4?\nAnswer:", "Question: 7?\nAnswer:"]
+    out = gen.score({"example_id": ["a", "b"], "prompt": prompts}, "base")
+    # By hand for row 0: greedy-decode, then teacher-force prompt + answer unpadded and average the NLL.
+    tok, model = gen.tokenizer, gen.model
+    ids = tok(prompts[0], return_tensors="pt").input_ids
+    with torch.inference_mode(), model.disable_adapter():
+        seq = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        answer = seq[0, ids.shape[1]:].tolist()
+        if tok.eos_token_id in answer:
+            answer = answer[: answer.index(tok.eos_token_id) + 1]
+        full = torch.tensor([ids[0].tolist() + answer])
+        logp = torch.log_softmax(model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float(), -1)
+    nll = -logp[torch.arange(len(answer)), torch.tensor(answer)].mean().item()
+    ent = -(logp.exp() * logp).sum(-1).mean().item()
+    assert out["pe"][0] == pytest.approx(nll, abs=1e-4)
+    assert out["me"][0] == pytest.approx(ent, abs=1e-4)
+    assert out["answer"][0] == tok.decode(answer, skip_special_tokens=True)
+    assert out["n_tokens"][0] == ids.shape[1] + len(answer)
+
+
+def test_fast_dropout_keeps_the_expectation():
+    torch.manual_seed(0)
+    drop = FastDropout(0.1).train()
+    x = torch.ones(400_000)
+    y = drop(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)
+    assert torch.equal(drop.eval()(x), x)
