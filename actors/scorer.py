@@ -8,6 +8,7 @@ Modes:
   base  adapter disabled, eval mode, one deterministic pass: u_base.
   lora  adapter on, T passes with the LoRA input dropout (and optionally attention dropout) really
         sampling: u_lora. Greedy answers for generation tasks are produced in eval mode first.
+  eval  adapter on, eval mode, one deterministic pass: predictions and confidences for evaluation.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pipeline.config import LoraConfig, ModelConfig, ScoringConfig, TaskConfig, 
 from pipeline.tasks import GenerationTask, VerbalizerTask, get_task
 from pipeline.uncertainty import generation_uncertainty, token_nll_and_entropy, verbalizer_uncertainty
 
-MODES = ("base", "lora")
+MODES = ("base", "lora", "eval")
 
 
 def verbalizer_token_ids(tokenizer, words: Iterable[str]) -> list[int]:
@@ -139,7 +140,7 @@ class Scorer:
             with self.model.disable_adapter():
                 yield
             return
-        if sample:
+        if sample and mode == "lora":
             set_mc_dropout(self.model, lora=True, attention=self.model_cfg.attention_dropout > 0)
         try:
             yield
@@ -147,7 +148,7 @@ class Scorer:
             self.model.eval()
 
     def _passes(self, mode: str) -> int:
-        return 1 if mode == "base" else self.scoring_cfg.mc_passes
+        return self.scoring_cfg.mc_passes if mode == "lora" else 1
 
     def _seed(self, key: str) -> None:
         # A batch's dropout masks depend on the run seed and its first example_id only, so a result does
@@ -179,6 +180,7 @@ class Scorer:
                 "bald": float(u["bald"][i]),
                 "least_confidence": float(u["least_confidence"][i]),
                 "margin": float(u["margin"][i]),
+                "pe": float(-torch.log(probs[i].max().clamp_min(1e-12))),  # NLL of the model's own answer
                 "probs": probs[i].tolist(),
                 "prediction": labels[int(probs[i].argmax())],
                 "confidence": float(probs[i].max()),
@@ -225,6 +227,7 @@ class Scorer:
                 "pe": float(u["pe"][i]),
                 "me": float(u["me"][i]),
                 "confidence": float(u["confidence"][i]),
+                "least_confidence": float(1.0 - u["confidence"][i]),
                 "answer": texts[i],
                 "prediction": self.task.extract(texts[i]),
                 "n_tokens": len(seqs[i]) + len(answers[i]),

@@ -97,7 +97,6 @@ class ScoringConfig:
     batch_size: int = 16  # rows per forward pass
     bucket_size: int = 256  # rows sorted by length together, so each batch pads little
     num_actors: Optional[int] = None  # None: the resource plan decides
-    base_measure: str = "entropy"  # which column is u_base / u_lora (entropy, bald, least_confidence, margin, pe, me)
 
     def __post_init__(self):
         _require(self.mc_passes >= 1, f"scoring.mc_passes should be >= 1, got {self.mc_passes}")
@@ -107,11 +106,79 @@ class ScoringConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Constraint LoRA: the paper's defaults. Regularisation is on by default."""
+
+    epochs: int = 3
+    lr: float = 1.5e-4
+    batch_size: int = 8  # global batch, split over the workers
+    schedule: Literal["linear", "constant"] = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay_b: float = 0.5  # L2 (decoupled) decay on LoRA B only: keeps the adapter calibrated
+    weight_decay_a: float = 0.0  # none on A
+    label_smoothing: float = 0.0
+    max_grad_norm: float = 1.0
+    warm_start: bool = False  # start from the last round's adapter instead of the base model
+    zero_stage: int = 2  # 3 shards parameters too; slower on CPU
+    num_workers: Optional[int] = None  # None: the resource plan decides
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPUs that support it, fp32 on CPU
+    backend: Literal["ray", "local"] = "ray"  # ray: Ray Train + DeepSpeed; local: the same recipe in-process
+
+    def __post_init__(self):
+        _require(self.epochs >= 1, f"train.epochs should be >= 1, got {self.epochs}")
+        _require(self.lr > 0, f"train.lr should be positive, got {self.lr}")
+        _require(self.batch_size >= 1, f"train.batch_size should be >= 1, got {self.batch_size}")
+        _require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio should be in [0, 1), got {self.warmup_ratio}")
+        _require(self.weight_decay_b >= 0, f"train.weight_decay_b should be >= 0, got {self.weight_decay_b}")
+        _require(self.weight_decay_a >= 0, f"train.weight_decay_a should be >= 0, got {self.weight_decay_a}")
+        _require(0.0 <= self.label_smoothing < 1.0, f"train.label_smoothing should be in [0, 1), got {self.label_smoothing}")
+        _require(self.zero_stage in (2, 3), f"train.zero_stage should be 2 or 3, got {self.zero_stage}")
+        _require(self.num_workers is None or self.num_workers >= 1, f"train.num_workers should be >= 1, got {self.num_workers}")
+
+
+STRATEGY_NAMES = ("random", "star", "subtract", "entropy", "pe", "least_confidence", "margin", "bald")
+MEASURE_NAMES = ("auto", "entropy", "me", "pe", "least_confidence", "margin", "bald")
+
+
+@dataclass
+class ActiveLearningConfig:
+    strategy: str = "star"  # random, star, subtract, entropy (ME), pe, least_confidence, margin, bald
+    measure: str = "auto"  # the uncertainty star/subtract mix; auto: entropy (verbalizer) or pe (generation)
+    initial: Literal["random", "base_uncertainty"] = "random"  # how round 0 (cold start) picks
+    initial_size: int = 32  # b0
+    batch_size: int = 32  # b, labels per later round
+    rounds: int = 4  # rounds including the cold start
+    budget: Optional[int] = None  # stop once this many labels exist
+    oracle: Literal["simulated", "human"] = "simulated"
+    lambda_start: float = 0.1  # STAR: λ_k = min(lambda_max, lambda_start + lambda_step * k)
+    lambda_step: float = 0.1
+    lambda_max: float = 1.0
+    lambda_values: list[float] = field(default_factory=list)  # explicit λ per round; overrides the line above
+    eval_limit: Optional[int] = None  # evaluate on the first N test rows only
+    ece_bins: int = 15
+    evaluate_base: bool = True  # also evaluate the base model once, as the 0-label point of the curve
+
+    def __post_init__(self):
+        _require(self.strategy in STRATEGY_NAMES, f"al.strategy should be one of {list(STRATEGY_NAMES)}, got {self.strategy!r}")
+        _require(self.measure in MEASURE_NAMES, f"al.measure should be one of {list(MEASURE_NAMES)}, got {self.measure!r}")
+        _require(self.initial_size >= 1, f"al.initial_size should be >= 1, got {self.initial_size}")
+        _require(self.batch_size >= 1, f"al.batch_size should be >= 1, got {self.batch_size}")
+        _require(self.rounds >= 1, f"al.rounds should be >= 1, got {self.rounds}")
+        _require(self.budget is None or self.budget >= self.initial_size,
+                 f"al.budget should be >= al.initial_size ({self.initial_size}), got {self.budget}")
+        _require(10 <= self.ece_bins <= 15, f"al.ece_bins should be in [10, 15], got {self.ece_bins}")
+        _require(self.eval_limit is None or self.eval_limit > 0, f"al.eval_limit should be positive, got {self.eval_limit}")
+        for v in self.lambda_values:
+            _require(0.0 <= v <= 1.0, f"al.lambda_values should be in [0, 1], got {v}")
+
+
+@dataclass
 class ClusterConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS, else an embedded local Ray
     num_cpus: Optional[int] = None  # embedded Ray only; None: all cores
     temp_dir: Optional[str] = None  # embedded Ray's session files
     scorer_cpus: float = 0.25  # logical CPUs a long-lived scorer holds; small so Ray Train can still start
+    storage_path: Optional[str] = None  # Ray Train checkpoints; None: inside the run dir. Shared storage on multi-node
 
     def __post_init__(self):
         _require(0.0 <= self.scorer_cpus, f"cluster.scorer_cpus should be >= 0, got {self.scorer_cpus}")
@@ -124,6 +191,8 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    al: ActiveLearningConfig = field(default_factory=ActiveLearningConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
 

@@ -28,12 +28,23 @@ def length_sorted_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]
     """Sort by prompt length (then id, for a fixed order) and cut into blocks of one micro-batch each.
 
     Sorting makes each batch pad only to its own longest prompt. Fixed blocks make a row's batch-mates,
-    and so its dropout masks, the same whichever actor scores it.
+    and so its dropout masks, the same whichever actor scores it. Longest first: actors pull blocks as
+    they free up, so the short blocks at the end even out the finish.
     """
     lengths = pc.utf8_length(table.column("prompt"))
-    table = table.append_column("_len", lengths).sort_by([("_len", "ascending"), ("example_id", "ascending")])
+    table = table.append_column("_len", lengths).sort_by([("_len", "descending"), ("example_id", "ascending")])
     table = table.drop_columns(["_len"])
     return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
+
+
+def deal_blocks(blocks: list[pa.Table], n: int) -> list[list[pa.Table]]:
+    """Deal length-sorted blocks to n actors in snake order (0,1,..,n-1,n-1,..,0,0,..), so every actor gets
+    a near-equal share of long and short blocks."""
+    hands: list[list[pa.Table]] = [[] for _ in range(n)]
+    for i, block in enumerate(blocks):
+        turn, pos = divmod(i, n)
+        hands[pos if turn % 2 == 0 else n - 1 - pos].append(block)
+    return hands
 
 
 def check_exactly_once(expected: list[str], got: pa.Table) -> None:
@@ -103,9 +114,15 @@ class PoolScorer:
             raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {table.column_names}")
         if table.num_rows == 0:
             raise ScoringError("nothing to score: the pool is empty")
-        blocks = length_sorted_blocks(table, self.cfg.scoring.batch_size)
-        ds = ray.data.from_arrow(blocks)
-        shards = ds.streaming_split(len(self.actors), equal=False)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # per-row progress bars cost CPU that the scorers need
+        ctx.enable_auto_log_stats = False
+        # A static split of fixed blocks: Ray Data's streaming_split would balance dynamically, but it starts
+        # a coordinator actor (a new process) on every call and keeps it polling while the actors score.
+        hands = [h for h in deal_blocks(length_sorted_blocks(table, self.cfg.scoring.batch_size), len(self.actors)) if h]
+        ds = ray.data.from_arrow([block for hand in hands for block in hand])
+        cuts = [sum(b.num_rows for b in h) for h in hands]
+        shards = ds.split_at_indices([sum(cuts[: i + 1]) for i in range(len(cuts) - 1)])
         parts = ray.get([a.score_shard.remote(s, mode) for a, s in zip(self.actors, shards)])
         result = pa.concat_tables([p for p in parts if p is not None], promote_options="default")
         ids = table.column("example_id").to_pylist()

@@ -1,0 +1,322 @@
+"""Constraint-LoRA training inside Ray Train: `train_loop_per_worker` drives a DeepSpeed engine.
+
+Constraint LoRA (STAR): decoupled L2 decay on the LoRA B matrices only (paper: 0.5), none on A, dropout
+on the LoRA input (paper: 0.1), optional label smoothing. The loss is on answer tokens only.
+
+Every worker holds the whole (small) labelled set, sorted by example_id, and takes its rank's slice of
+each seeded global batch. Ranks therefore always run the same number of steps (ZeRO's collectives need
+that), nothing is dropped, and a given seed gives the same batches on any cluster.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import LoraConfig, ModelConfig, TrainConfig, from_dict
+
+IGNORE = -100
+
+
+# ---- data --------------------------------------------------------------------------------------------
+def encode_example(tokenizer, prompt: str, target: str, max_length: int, add_eos: bool) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) with the prompt masked. The prompt is cut from the left if the pair is too long,
+    and encoded exactly as the scorer encodes it, so the trained answer token is the one scored."""
+    p = tokenizer(prompt, add_special_tokens=True).input_ids
+    t = tokenizer(target, add_special_tokens=False).input_ids
+    if add_eos and tokenizer.eos_token_id is not None:
+        t = t + [tokenizer.eos_token_id]
+    if not t:
+        raise ValueError(f"target {target!r} encodes to no tokens")
+    t = t[:max_length - 1]
+    p = p[-(max_length - len(t)):]
+    return p + t, [IGNORE] * len(p) + t
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch; padded positions carry no loss."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, y) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over answer tokens (position j predicts token j+1)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, label_smoothing=label_smoothing
+    )
+
+
+def rank_batches(n: int, global_batch: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's row indices for every step of one epoch. A seeded permutation is cut into global
+    batches; a short last batch is topped up from the epoch's start so every rank gets >= 1 row."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    steps = []
+    for start in range(0, n, global_batch):
+        batch = perm[start : start + global_batch]
+        if len(batch) < world:
+            batch += (perm * world)[: world - len(batch)]
+        steps.append(batch[rank::world])
+    return steps
+
+
+# ---- optimisation ------------------------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with decoupled decay `weight_decay_b` on LoRA B and `weight_decay_a` on everything else
+    trainable (LoRA A). Decay on B shrinks the adapter's output; decay on A would only rescale it."""
+    b, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (b if "lora_B" in name else other).append(p)
+    if not b:
+        raise ValueError("no trainable LoRA B parameters found: is the model wrapped with attach_lora?")
+    groups = [{"params": b, "weight_decay": cfg.weight_decay_b, "name": "lora_B"}]
+    if other:
+        groups.append({"params": other, "weight_decay": cfg.weight_decay_a, "name": "lora_A"})
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "constant":
+            return 1.0
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---- the recipe --------------------------------------------------------------------------------------
+@dataclass
+class LoopConfig:
+    """Everything `train_loop_per_worker` needs, as plain data (rebuilt into typed configs on the worker)."""
+
+    model_path: str
+    model: dict
+    lora: dict
+    train: dict
+    add_eos: bool
+    seed: int = 0
+    threads: Optional[int] = None
+    init_adapter: Any = None  # an ObjectRef to an adapter state, for warm starts
+
+
+class LoraRecipe:
+    def __init__(self, loop: LoopConfig):
+        self.loop = loop
+        self.model_cfg = from_dict(ModelConfig, loop.model)
+        self.lora_cfg = from_dict(LoraConfig, loop.lora)
+        self.cfg = from_dict(TrainConfig, loop.train)
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if loop.threads:
+            torch.set_num_threads(loop.threads)
+        torch.manual_seed(loop.seed)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.bf16 = self.cfg.precision == "bf16" or (
+            self.cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+
+    def _setup_model(self):
+        from actors.model import attach_lora, load_adapter_state, load_model, load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.loop.model_path, self.model_cfg)
+        self.tokenizer.truncation_side = "left"
+        # Master weights stay fp32; DeepSpeed's bf16 mode (GPU) keeps fp32 copies and computes in bf16.
+        base = load_model(self.loop.model_path, self.model_cfg, self.device, dtype=torch.float32)
+        model = attach_lora(base, self.lora_cfg, adapter_dtype_follows_base=False)
+        if self.loop.init_adapter is not None:
+            import ray
+
+            load_adapter_state(model, ray.get(self.loop.init_adapter))
+        model.config.use_cache = False
+        return model
+
+    def _setup_data(self) -> list[tuple[list[int], list[int]]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        rows = []
+        for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
+            rows.extend(batch.select(["example_id", "prompt", "target"]).to_pylist())
+        rows.sort(key=lambda r: r["example_id"])
+        return [
+            encode_example(self.tokenizer, r["prompt"], r["target"], self.model_cfg.max_length, self.loop.add_eos)
+            for r in rows
+        ]
+
+    def _setup_engine(self, model, total_steps: int):
+        import deepspeed
+
+        from cluster.deepspeed import deepspeed_config
+
+        micro = math.ceil(self.cfg.batch_size / self.world)
+        optimizer = build_optimizer(model, self.cfg)
+        schedule = build_schedule(optimizer, self.cfg, total_steps)
+        ds_cfg = deepspeed_config(self.cfg.zero_stage, micro, 1, self.world, self.bf16, self.cfg.max_grad_norm)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg)
+        return engine
+
+    def train(self) -> dict:
+        import ray.train
+
+        t0 = time.perf_counter()
+        model = self._setup_model()
+        data = self._setup_data()
+        n = len(data)
+        steps_per_epoch = math.ceil(n / self.cfg.batch_size)
+        engine = self._setup_engine(model, self.cfg.epochs * steps_per_epoch)
+        setup_s = time.perf_counter() - t0
+        epoch_losses, seen, t_train = [], 0, time.perf_counter()
+        warm_seen, t_warm = 0, None  # steady state: everything after the first step
+        for epoch in range(self.cfg.epochs):
+            engine.train()
+            total = 0.0
+            for idx in rank_batches(n, self.cfg.batch_size, epoch, self.loop.seed, self.rank, self.world):
+                batch = {k: v.to(self.device) for k, v in collate([data[i] for i in idx], self.tokenizer.pad_token_id).items()}
+                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = answer_loss(logits, batch["labels"], self.cfg.label_smoothing)
+                engine.backward(loss)
+                engine.step()
+                total += loss.item()
+                seen += len(idx)
+                if t_warm is None:
+                    t_warm, warm_seen = time.perf_counter(), seen
+            epoch_losses.append(self._mean_across_ranks(total / steps_per_epoch))
+        t_end = time.perf_counter()
+        train_s = t_end - t_train
+        steady_s = t_end - t_warm if t_warm is not None else 0.0
+        metrics = {
+            "epoch_loss": epoch_losses,
+            "examples": n,
+            "steps": self.cfg.epochs * steps_per_epoch,
+            "world_size": self.world,
+            "setup_s": setup_s,
+            "train_s": train_s,
+            "examples_per_s": self._sum_across_ranks(seen) / train_s if train_s > 0 else 0.0,
+            "steady_examples_per_s": self._sum_across_ranks(seen - warm_seen) / steady_s if steady_s > 0 else 0.0,
+            "worker_start_unix": t0 - time.perf_counter() + time.time(),
+        }
+        self.save_checkpoint(engine, metrics)
+        return metrics
+
+    def _mean_across_ranks(self, value: float) -> float:
+        return self._sum_across_ranks(value) / self.world
+
+    def _sum_across_ranks(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            t = t.to(self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def save_checkpoint(self, engine, metrics: dict) -> None:
+        """Rank 0 writes a PEFT adapter dir (under ZeRO-3 after gathering the LoRA shards); every rank reports."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        model = engine.module
+        gather = _gathered(model) if self.cfg.zero_stage == 3 else _nothing()
+        with gather, tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                model.save_pretrained(tmp, safe_serialization=True)
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gathered(model):
+    import deepspeed
+
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
+    """The same recipe without Ray or DeepSpeed: one process, plain torch AdamW. For laptops and tests
+    (no 35-47 s Ray Train start-up per round), and the baseline of benchmarks.training."""
+    from actors.model import attach_lora, load_adapter_state, load_model, load_tokenizer
+
+    model_cfg, cfg = from_dict(ModelConfig, loop.model), from_dict(TrainConfig, loop.train)
+    if loop.threads:
+        torch.set_num_threads(loop.threads)
+    torch.manual_seed(loop.seed)
+    t0 = time.perf_counter()
+    tok = load_tokenizer(loop.model_path, model_cfg)
+    model = attach_lora(load_model(loop.model_path, model_cfg, dtype=torch.float32), from_dict(LoraConfig, loop.lora),
+                        adapter_dtype_follows_base=False)
+    if loop.init_adapter is not None:
+        load_adapter_state(model, loop.init_adapter)
+    model.config.use_cache = False
+    rows = sorted(rows, key=lambda r: r["example_id"])
+    data = [encode_example(tok, r["prompt"], r["target"], model_cfg.max_length, loop.add_eos) for r in rows]
+    steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    opt = build_optimizer(model, cfg)
+    sched = build_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    setup_s = time.perf_counter() - t0
+    seen, warm_seen, t_warm, losses, t_train = 0, 0, None, [], time.perf_counter()
+    for epoch in range(cfg.epochs):
+        model.train()
+        total = 0.0
+        for idx in rank_batches(len(data), cfg.batch_size, epoch, loop.seed, 0, 1):
+            batch = collate([data[i] for i in idx], tok.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = answer_loss(logits, batch["labels"], cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            total += loss.item()
+            seen += len(idx)
+            if t_warm is None:
+                t_warm, warm_seen = time.perf_counter(), seen
+        losses.append(total / steps_per_epoch)
+    t_end = time.perf_counter()
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return {
+        "epoch_loss": losses, "examples": len(data), "steps": cfg.epochs * steps_per_epoch, "world_size": 1,
+        "setup_s": setup_s, "train_s": t_end - t_train,
+        "examples_per_s": seen / (t_end - t_train) if t_end > t_train else 0.0,
+        "steady_examples_per_s": (seen - warm_seen) / (t_end - t_warm) if t_warm and t_end > t_warm else 0.0,
+    }
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. `config` is plain data; the typed configs are rebuilt on the first line."""
+    loop = LoopConfig(**config)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    LoraRecipe(loop).train()

@@ -1,0 +1,232 @@
+"""Scoring throughput: deft's MC-dropout pool scoring on Ray against three baselines, in one run.
+
+    python -m benchmarks.scoring                       # 1,000 BoolQ rows, T=3, SmolLM2-135M, 2 actors
+    python -m benchmarks.scoring --rows 200 --passes 3 --data ../shared/datasets/boolq/test.jsonl
+
+Every path scores the same pool with the same model, the same trained (B != 0) adapter, T and dtype:
+  deft       long-lived Ray actors, fixed length-sorted blocks, logits only at the answer position,
+             LoRA input dropout really sampling (the quantity being sold);
+  reference  the paper's algorithm: one example at a time, full logits, a Python loop over the answer
+             tokens ("the correct answer is" + the label slot) with a full-vocabulary softmax per token;
+             timed on --reference-rows rows (its per-example cost does not depend on the pool size);
+  limit      the same PEFT model in eval mode (no dropout), batched and length-sorted, logits only at the
+             last position, T plain forwards in one process with all cores: what scoring cannot beat;
+  baal       baal's ModelWrapper(MCDropoutModule(...)).predict_on_dataset, with a wrapper returning the
+             verbalizer probabilities; baal's patch_module turns PEFT's LoRA dropouts into always-on ones.
+The last line printed is one JSON object with the figures and the setup.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "boolq" / "train.jsonl"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="BoolQ-format JSONL pool (default: %(default)s)")
+    p.add_argument("--rows", type=int, default=1000, help="pool rows scored by deft, limit and baal")
+    p.add_argument("--reference-rows", type=int, default=100, help="rows timed for the one-at-a-time reference")
+    p.add_argument("--passes", type=int, default=3, help="MC-dropout passes T")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--actors", type=int, default=2, help="deft scoring actors")
+    p.add_argument("--lora-r", type=int, default=64, help="LoRA rank (paper: 64)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--train-steps", type=int, default=8, help="AdamW steps that make the adapter's B nonzero")
+    p.add_argument("--repeats", type=int, default=1, help="timed repeats per path; the median is reported")
+    p.add_argument("--skip", nargs="*", default=[], choices=["reference", "limit", "baal"], help="paths to leave out")
+    return p.parse_args(argv)
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def train_adapter(model, tokenizer, pool, label_ids, steps: int, lr: float = 1e-3) -> None:
+    """A few real AdamW steps on held-out labelled rows so that B != 0 and LoRA dropout matters."""
+    rows = pool.table.slice(pool.table.num_rows - 4 * steps).to_pylist()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        batch = rows[4 * step : 4 * step + 4]
+        enc = tokenizer([r["prompt"] for r in batch], padding=True, return_tensors="pt")
+        logits = model(**enc, logits_to_keep=1).logits[:, -1].float()
+        target = torch.tensor([tokenizer(r["target"], add_special_tokens=False).input_ids[0] for r in batch])
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def reference_scores(model, tokenizer, prompts, label_ids, passes: int, answer_prefix_tokens: int) -> list:
+    """The paper's per-example loop (MC dropout really on), returning mean verbalizer probabilities."""
+    from actors.model import set_mc_dropout
+
+    out = []
+    set_mc_dropout(model)
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            per_pass = []
+            for _ in range(passes):
+                logits = model(input_ids=ids).logits[0]  # full logits: every position, whole vocabulary
+                probs = None
+                for pos in range(ids.shape[1] - answer_prefix_tokens, ids.shape[1]):
+                    probs = torch.softmax(logits[pos].float(), dim=-1)  # one softmax per answer token
+                label_probs = probs[label_ids]
+                per_pass.append(label_probs / label_probs.sum())
+            out.append(torch.stack(per_pass).mean(0))
+    model.eval()
+    return out
+
+
+def _left_pad(tokenizer, seqs):
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def limit_scores(model, tokenizer, prompts, label_ids, passes: int, batch_size: int) -> None:
+    """T eval-mode forwards per batch, batched and length-sorted, logits only at the last position."""
+    seqs = sorted(tokenizer(prompts).input_ids, key=len)
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = _left_pad(tokenizer, seqs[i : i + batch_size])
+            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            for _ in range(passes):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
+                torch.softmax(logits[:, -1, label_ids].float(), -1)
+
+
+class VerbalizerWrapper(torch.nn.Module):
+    """What baal needs: a module mapping a batch to class probabilities (here over the label tokens)."""
+
+    def __init__(self, model, label_ids):
+        super().__init__()
+        self.model, self.label_ids = model, label_ids
+
+    def forward(self, data):
+        ids, mask = data
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
+        return torch.softmax(logits[:, -1, self.label_ids].float(), -1)
+
+
+def baal_scores(model, tokenizer, prompts, label_ids, passes: int, batch_size: int):
+    from baal.bayesian.dropout import MCDropoutModule
+    from baal.modelwrapper import ModelWrapper, TrainingArgs
+
+    seqs = tokenizer(prompts).input_ids
+    dataset = [(torch.tensor(s), 0) for s in seqs]
+
+    def collate(items):
+        ids, mask = _left_pad(tokenizer, [x.tolist() for x, _ in items])
+        return [ids, mask], torch.zeros(len(items))
+
+    wrapper = ModelWrapper(
+        MCDropoutModule(VerbalizerWrapper(model, label_ids)),
+        TrainingArgs(batch_size=batch_size, use_cuda=False, workers=0, collate_fn=collate),
+    )
+    return wrapper.predict_on_dataset(dataset, iterations=passes, verbose=False)  # (N, C, T)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import copy
+
+    from actors.model import adapter_state, attach_lora, load_adapter_state, load_model, load_tokenizer, resolve_model_path
+    from actors.scorer import verbalizer_token_ids
+    from cluster.runtime import connect, shutdown
+    from pipeline.config import Config
+    from pipeline.data import load_pool
+    from pipeline.scoring import PoolScorer
+    from pipeline.tasks import boolq
+
+    cfg = Config()
+    cfg.model.dtype, cfg.lora.r = args.dtype, args.lora_r
+    cfg.scoring.mc_passes, cfg.scoring.batch_size, cfg.scoring.num_actors = args.passes, args.batch_size, args.actors
+    task = boolq()
+    pool = load_pool(args.data, task, limit=args.rows + 4 * args.train_steps)
+    scored = pool.for_scoring().slice(0, args.rows)
+    prompts = scored.column("prompt").to_pylist()
+    path = resolve_model_path(cfg.model)
+    torch.set_num_threads(os.cpu_count())
+    tokenizer = load_tokenizer(path, cfg.model)
+    label_ids = verbalizer_token_ids(tokenizer, task.label_words)
+    model = attach_lora(load_model(path, cfg.model), cfg.lora)
+    t0 = time.perf_counter()
+    train_adapter(model, tokenizer, pool, label_ids, args.train_steps)
+    state = adapter_state(model)
+    train_s = time.perf_counter() - t0
+    n_tokens = sum(len(x) for x in tokenizer(prompts).input_ids)
+    results: dict = {}
+
+    connect(num_cpus=os.cpu_count())
+    scorer = PoolScorer(cfg, path)
+    t0 = time.perf_counter()
+    scorer.set_adapter(state)
+    broadcast_s = time.perf_counter() - t0
+    scorer.score(scored.slice(0, 2 * args.batch_size * args.actors), "lora")  # warm-up
+    results["deft"] = _median_time(lambda: scorer.score(scored, "lora"), args.repeats)
+    scorer.shutdown()
+    shutdown()
+    torch.set_num_threads(os.cpu_count())
+
+    if "limit" not in args.skip:
+        results["limit"] = _median_time(lambda: limit_scores(model, tokenizer, prompts, label_ids, args.passes, args.batch_size), args.repeats)
+    if "reference" not in args.skip:
+        prefix = len(tokenizer("\nthe correct answer is", add_special_tokens=False).input_ids)
+        ref_prompts = prompts[: args.reference_rows]
+        t = _median_time(lambda: reference_scores(model, tokenizer, ref_prompts, label_ids, args.passes, prefix), args.repeats)
+        results["reference"] = t * len(prompts) / len(ref_prompts)  # per-example cost, scaled to the pool
+    if "baal" not in args.skip:
+        baal_model = attach_lora(load_model(path, cfg.model), cfg.lora)  # baal patches modules in place
+        load_adapter_state(baal_model, copy.deepcopy(state))
+        results["baal"] = _median_time(lambda: baal_scores(baal_model, tokenizer, prompts, label_ids, args.passes, args.batch_size), args.repeats)
+
+    ex_s = {k: len(prompts) / v for k, v in results.items()}
+    figures = {
+        "examples_per_s": round(ex_s["deft"], 3),
+        "tokens_per_s": round(n_tokens / results["deft"], 1),
+        "ratio_vs_reference": round(ex_s["deft"] / ex_s["reference"], 3) if "reference" in ex_s else None,
+        "ratio_vs_limit": round(ex_s["deft"] / ex_s["limit"], 3) if "limit" in ex_s else None,
+        "ratio_vs_baal": round(ex_s["deft"] / ex_s["baal"], 3) if "baal" in ex_s else None,
+        "examples_per_s_by_path": {k: round(v, 3) for k, v in ex_s.items()},
+        "seconds_by_path": {k: round(v, 2) for k, v in results.items()},
+        "adapter_broadcast_s": round(broadcast_s, 3),
+        "setup": {
+            "model": cfg.model.name, "rows": len(prompts), "pool_tokens": n_tokens, "mc_passes": args.passes,
+            "batch_size": args.batch_size, "actors": args.actors, "lora_r": args.lora_r,
+            "dtype": str(next(model.parameters()).dtype), "adapter_train_steps": args.train_steps,
+            "adapter_train_s": round(train_s, 1), "reference_rows_timed": args.reference_rows,
+            "data": args.data, "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu": platform.processor() or platform.machine(), "repeats": args.repeats,
+        },
+    }
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Training throughput: constraint-LoRA on Ray Train + DeepSpeed (1 and 2 workers) against a plain
+single-process PEFT + torch loop, on the same model, data and global batch, in one run.
+
+    python -m benchmarks.training                    # SmolLM2-135M, 64 BoolQ rows, batch 8, 2 epochs
+    python -m benchmarks.training --rows 32 --epochs 1 --lora-r 8
+
+Reported:
+  *_examples_per_s   steady state: examples per second after each run's first optimizer step
+  startup_overhead_s the fixed cost per round of the 1-worker Ray run: fit() wall time minus time in the
+                     training loop (process start, model load, DeepSpeed init, checkpoint, report)
+The DeepSpeed op JIT builds happen once per machine (cached in TORCH_EXTENSIONS_DIR) and a warm-up fit
+runs first so that they are not counted. The last line printed is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "boolq" / "train.jsonl"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="BoolQ-format JSONL (default: %(default)s)")
+    p.add_argument("--rows", type=int, default=64, help="labelled rows trained on")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=8, help="global batch (paper: 8)")
+    p.add_argument("--lora-r", type=int, default=64, help="LoRA rank (paper: 64)")
+    p.add_argument("--zero-stage", type=int, default=2, choices=[2, 3])
+    p.add_argument("--no-warmup-fit", action="store_true", help="skip the warm-up fit (then JIT builds may be timed)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from actors.model import resolve_model_path
+    from cluster.plan import plan_resources
+    from cluster.runtime import connect, shutdown
+    from pipeline.config import Config
+    from pipeline.data import load_pool
+    from pipeline.tasks import boolq
+    from actors.trainer import train_in_process
+    from pipeline.training import loop_config as _loop
+    from pipeline.training import train_adapter
+
+    cfg = Config()
+    cfg.model.dtype = "float32"
+    cfg.lora.r = args.lora_r
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.zero_stage = args.epochs, args.batch_size, args.zero_stage
+    table = load_pool(args.data, boolq(), limit=args.rows).table
+    path = resolve_model_path(cfg.model)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = train_in_process(_loop(cfg, path, threads=os.cpu_count()), table.to_pylist(), tmp)
+    ray = connect(num_cpus=os.cpu_count())
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        def fit(workers: int, name: str):
+            plan = plan_resources(ray.cluster_resources(), 2, cfg.cluster.scorer_cpus, train_workers=workers)
+            return train_adapter(cfg, path, table, Path(tmp) / name, plan, add_eos=False, storage_path=f"{tmp}/ray_train", name=name)
+
+        if not args.no_warmup_fit:
+            warm_cfg_epochs = cfg.train.epochs
+            cfg.train.epochs = 1
+            fit(2, "warmup")  # builds/loads DeepSpeed ops once; not timed
+            cfg.train.epochs = warm_cfg_epochs
+        for workers in (1, 2):
+            runs[workers] = fit(workers, f"w{workers}").metrics
+    shutdown()
+    figures = {
+        "plain_examples_per_s": round(plain["steady_examples_per_s"], 3),
+        "ray_ds_1w_examples_per_s": round(runs[1]["steady_examples_per_s"], 3),
+        "ray_ds_2w_examples_per_s": round(runs[2]["steady_examples_per_s"], 3),
+        "ratio_1w_vs_plain": round(runs[1]["steady_examples_per_s"] / plain["steady_examples_per_s"], 3),
+        "ratio_2w_vs_1w": round(runs[2]["steady_examples_per_s"] / runs[1]["steady_examples_per_s"], 3),
+        "startup_overhead_s": round(runs[1]["overhead_s"], 1),
+        "startup_overhead_2w_s": round(runs[2]["overhead_s"], 1),
+        "fit_s": {"1w": round(runs[1]["fit_s"], 1), "2w": round(runs[2]["fit_s"], 1)},
+        "setup_in_worker_s": {"1w": round(runs[1]["setup_s"], 1), "2w": round(runs[2]["setup_s"], 1)},
+        "epoch_loss": {"plain": [round(x, 4) for x in plain["epoch_loss"]],
+                       "1w": [round(x, 4) for x in runs[1]["epoch_loss"]], "2w": [round(x, 4) for x in runs[2]["epoch_loss"]]},
+        "setup": {"model": cfg.model.name, "rows": table.num_rows, "epochs": args.epochs, "global_batch": args.batch_size,
+                  "lora_r": args.lora_r, "zero_stage": args.zero_stage, "dtype": "float32", "cpus": os.cpu_count(),
+                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()

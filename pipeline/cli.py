@@ -1,0 +1,262 @@
+"""The `deft` command.
+
+    deft run CONFIG [--set key=value ...] [--run-dir DIR]   start an active-learning run
+    deft resume RUN                                        continue a killed or waiting run
+    deft status RUN                                        where a run is, and its metrics so far
+    deft label export RUN [--out FILE]                     (human oracle) the file to fill in
+    deft label import RUN FILE [--allow-partial]           (human oracle) validate and take labels
+    deft report RUN [RUN ...]                              report.md, learning_curve.png, AULC
+    deft score CONFIG [--set ...] [--out FILE]             score a pool once and show the most uncertain
+    deft quickstart [--set ...]                            the STAR loop on the embedded model, offline
+    deft bench scoring|training [ARGS ...]                 throughput benchmarks (see benchmarks/)
+
+On a cluster, `ray job submit --working-dir . -- deft run CONFIG` joins the job's cluster (RAY_ADDRESS).
+Exit codes: 0 done, 2 bad input (the message names the file, line or field), 3 waiting for human labels.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+WAITING_FOR_LABELS = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deft", description="Data-efficient fine-tuning: STAR active learning with LoRA on Ray")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every phase")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(cmd, positional=True):
+        if positional:
+            cmd.add_argument("config", help="YAML config (see configs/)")
+        cmd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        cmd.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else an embedded local Ray)")
+
+    r = sub.add_parser("run", help="start an active-learning run")
+    with_config(r)
+    r.add_argument("--run-dir", help="where the run lives (default: runs/<config name>-<time>)")
+    q = sub.add_parser("quickstart", help="the STAR loop on the embedded SmolLM2 and the demo task, offline")
+    with_config(q, positional=False)
+    q.add_argument("--run-dir", help="default: runs/quickstart-<time>")
+    sub.add_parser("resume", help="continue a run from its recorded phase").add_argument("run")
+    sub.add_parser("status", help="show a run's phase and metrics").add_argument("run")
+    rep = sub.add_parser("report", help="write report.md and learning_curve.png; print AULC")
+    rep.add_argument("runs", nargs="+", help="the first run gets the files; the curve has a line per run")
+    lab = sub.add_parser("label", help="human labelling").add_subparsers(dest="label_command", required=True)
+    ex = lab.add_parser("export", help="write the current round's file to label")
+    ex.add_argument("run")
+    ex.add_argument("--out", help="copy it here too")
+    im = lab.add_parser("import", help="validate a filled file and take its labels")
+    im.add_argument("run")
+    im.add_argument("file")
+    im.add_argument("--allow-partial", action="store_true", help="continue the round with only the rows labelled so far")
+    s = sub.add_parser("score", help="score a pool once and show the most uncertain examples")
+    with_config(s)
+    s.add_argument("--out", help="write every score to this Parquet file")
+    s.add_argument("--top", type=int, default=10)
+    b = sub.add_parser("bench", help="run a throughput benchmark: scoring or training")
+    b.add_argument("name", choices=["scoring", "training"])
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return p
+
+
+def _config(path, overrides, address):
+    from pipeline.config import load_config
+
+    cfg = load_config(path, overrides)
+    if address:
+        cfg.cluster.address = address
+    return cfg
+
+
+def _print_metrics(run_dir) -> None:
+    from pipeline.report import aulc, curve_points
+    from pipeline.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    base = run.path / "base_eval.json"
+    print(f"{'round':>5} {'labels':>6} {'accuracy':>8} {'ECE':>6} {'train s':>8} {'round s':>8}")
+    if base.is_file():
+        import json
+
+        b = json.loads(base.read_text())
+        print(f"{'base':>5} {0:>6} {b['accuracy']:8.3f} {b['ece']:6.3f}")
+    for m in run.read_metrics():
+        t = m.get("timings", {})
+        total = sum(v for k, v in t.items() if k.endswith("ing_s") and v)
+        acc = f"{m['accuracy']:8.3f}" if m.get("accuracy") is not None else f"{'—':>8}"
+        ece = f"{m['ece']:6.3f}" if m.get("ece") is not None else f"{'—':>6}"
+        print(f"{m['round']:>5} {m['labels']:>6} {acc} {ece} {t.get('training_s', 0):8.1f} {total:8.1f}")
+    area = aulc(curve_points(run))
+    if area is not None:
+        print(f"AULC (accuracy vs labels): {area:.3f}")
+
+
+def _drive(run, fresh: bool) -> int:
+    from pipeline.loop import NeedsLabels
+    from pipeline.report import write_report
+
+    t0 = time.perf_counter()
+    try:
+        run.run() if fresh else run.resume()
+    except NeedsLabels as e:
+        print(str(e))
+        return WAITING_FOR_LABELS
+    report, curve, _ = write_report(run.run_dir)
+    _print_metrics(run.run_dir.path)
+    print(f"done in {time.perf_counter() - t0:.0f}s; report: {report}  curve: {curve}")
+    return 0
+
+
+def cmd_run(args, config_path) -> int:
+    from pipeline.loop import ActiveLearningRun
+
+    cfg = _config(config_path, args.overrides, args.address)
+    name = Path(config_path).stem
+    run_dir = args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"run dir: {run_dir}")
+    return _drive(ActiveLearningRun(cfg, run_dir), fresh=True)
+
+
+def cmd_resume(args) -> int:
+    from pipeline.loop import ActiveLearningRun
+
+    return _drive(ActiveLearningRun.open(args.run), fresh=False)
+
+
+def cmd_status(args) -> int:
+    from pipeline.run_dir import RunDir
+
+    run = RunDir(args.run)
+    state, cfg = run.read_state(), run.read_config()
+    labels = run.read_labeled().num_rows
+    print(f"{run.path}: round {state.round}, phase {state.phase}; {labels} labels; strategy {cfg.al.strategy}, "
+          f"{cfg.al.rounds} rounds planned")
+    if state.phase == "labeling" and cfg.al.oracle == "human":
+        print(f"waiting for labels: {run.to_label_file(state.round)}")
+    _print_metrics(run.path)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import aulc, curve_points, write_report
+    from pipeline.run_dir import RunDir
+
+    runs = [RunDir(r) for r in args.runs]
+    for r in runs:
+        r.read_config()  # a clear error for a path that is not a run
+    report, curve, _ = write_report(runs[0], runs[1:])
+    for r in runs:
+        area = aulc(curve_points(r))
+        print(f"{r.path}: strategy {r.read_config().al.strategy}, AULC {area:.3f}" if area is not None else f"{r.path}: no evaluated round yet")
+    print(f"report: {report}\ncurve: {curve}")
+    return 0
+
+
+def _labeling_round(run_dir):
+    from pipeline.io import read_parquet
+    from pipeline.loop import ActiveLearningRun
+
+    run = ActiveLearningRun.open(run_dir)
+    state = run.state
+    if state.phase != "labeling" or run.cfg.al.oracle != "human":
+        raise ValueError(f"{run_dir} is not waiting for human labels (round {state.round}, phase {state.phase}, oracle {run.cfg.al.oracle})")
+    ids = read_parquet(run.run_dir.selected_file(state.round)).column("example_id").to_pylist()
+    return run, state.round, ids
+
+
+def cmd_label(args) -> int:
+    import shutil
+
+    from pipeline.oracles import export_to_label, import_labels
+
+    run, k, ids = _labeling_round(args.run)
+    if args.label_command == "export":
+        path = export_to_label(run.run_dir, k, ids, run.pool)
+        if args.out:
+            shutil.copyfile(path, args.out)
+        print(f"{len(ids)} examples to label: {args.out or path}")
+        return 0
+    run.run_dir.lock()
+    try:
+        counts = import_labels(run.run_dir, k, args.file, ids, run.task, args.allow_partial)
+    finally:
+        run.run_dir.unlock()
+    print(f"imported {counts['imported']} labels; {counts['labelled']} of {counts['expected']} labelled for round {k}.")
+    if counts["labelled"] < counts["expected"] and not args.allow_partial:
+        print("The round continues once every row is labelled, or import again with --allow-partial.")
+    else:
+        print(f"Continue with: deft resume {args.run}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    import pyarrow as pa
+
+    from actors.model import resolve_model_path
+    from cluster.runtime import connect
+    from pipeline.data import load_pool
+    from pipeline.io import write_parquet
+    from pipeline.scoring import PoolScorer
+    from pipeline.strategies import measure_column
+    from pipeline.tasks import get_task
+
+    cfg = _config(args.config, args.overrides, args.address)
+    task = get_task(cfg.task)
+    d = cfg.data
+    pool = load_pool(d.path, task, id_field=d.id_field, on_bad_row=d.on_bad_row, limit=d.limit,
+                     require_label=False, demo_size=d.demo_size, seed=cfg.seed)
+    measure = measure_column(task.kind, cfg.al.measure)
+    connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.temp_dir)
+    scorer = PoolScorer(cfg, resolve_model_path(cfg.model))
+    t0 = time.perf_counter()
+    base = scorer.score(pool.for_scoring(), "base")
+    lora = scorer.score(pool.for_scoring(), "lora")
+    print(f"{len(pool)} rows scored (u_base + {cfg.scoring.mc_passes} MC passes) in {time.perf_counter() - t0:.1f}s")
+    table = pa.table({"example_id": base.column("example_id"), "u_base": base.column(measure),
+                      "u_lora": lora.column(measure), "prediction": base.column("prediction")})
+    if args.out:
+        write_parquet(args.out, table)
+    prompts = dict(zip(pool.example_ids, pool.table.column("prompt").to_pylist()))
+    print(f"most uncertain by u_base ({measure}):")
+    for r in sorted(table.to_pylist(), key=lambda r: -r["u_base"])[: args.top]:
+        print(f"  {r['example_id']}  {r['u_base']:.4f}  {' '.join(prompts[r['example_id']].split())[-90:]}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    importlib.import_module(f"benchmarks.{args.name}").main(args.args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.oracles import LabelImportError
+    from pipeline.run_dir import RunLocked
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        if args.command == "run":
+            return cmd_run(args, args.config)
+        if args.command == "quickstart":
+            return cmd_run(args, str(CONFIGS / "quickstart.yaml"))
+        handler = {"resume": cmd_resume, "status": cmd_status, "report": cmd_report, "label": cmd_label,
+                   "score": cmd_score, "bench": cmd_bench}[args.command]
+        return handler(args)
+    except (ConfigError, DataError, LabelImportError, RunLocked, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"deft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

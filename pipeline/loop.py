@@ -1,0 +1,299 @@
+"""The active-learning loop. Each round k: score -> select -> label -> train -> evaluate.
+
+Round 0 is the cold start: b0 examples chosen at random (seeded) or by base-model uncertainty. Every
+phase reads its inputs from the run directory and writes its outputs there atomically before the
+phase in state.json moves on, so a run killed anywhere resumes where it was and ends the same.
+
+    run = ActiveLearningRun(cfg, "runs/demo"); run.run()        # or ActiveLearningRun.open(dir).resume()
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import Config
+from pipeline.data import Pool, load_pool
+from pipeline.demo import TEST_SEED_OFFSET
+from pipeline.evaluation import evaluate
+from pipeline.io import read_parquet, write_json, write_parquet
+from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
+from pipeline.run_dir import PHASES, RunDir, RunState
+from pipeline.scoring import base_uncertainty
+from pipeline.strategies import get_strategy, measure_column, select
+from pipeline.tasks import get_task
+from pipeline.uncertainty import LambdaSchedule
+
+log = logging.getLogger(__name__)
+
+
+class NeedsLabels(Exception):
+    """The human oracle is waiting: the run stopped cleanly in the labeling phase."""
+
+
+class ActiveLearningRun:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        hook: Optional[Callable[[int, str, str], None]] = None,
+        scorer=None,
+    ):
+        """`hook(round, phase, "before"|"after")` runs around every phase (tests use it to kill a run).
+        `scorer`: an existing PoolScorer to use (and leave running); by default the run starts its own."""
+        self.cfg, self.run_dir, self.hook = cfg, RunDir(run_dir), hook or (lambda k, phase, when: None)
+        self.task = get_task(cfg.task)
+        self.measure = measure_column(self.task.kind, cfg.al.measure)
+        self.strategy = get_strategy(cfg.al.strategy, self._schedule())
+        self._pool = self._test = self._model_path = None
+        self._scorer, self._own_scorer = scorer, scorer is None
+
+    @classmethod
+    def open(cls, run_dir: str | Path, **kw) -> "ActiveLearningRun":
+        return cls(RunDir(run_dir).read_config(), run_dir, **kw)
+
+    # ---- public API ------------------------------------------------------------------------------------
+    def run(self) -> list[dict]:
+        """Start a new run in an empty directory and carry it to the end."""
+        if self.run_dir.exists():
+            raise FileExistsError(f"{self.run_dir.path} already holds a run; use `deft resume {self.run_dir.path}`")
+        self.run_dir.lock()
+        self.run_dir.write_config(self.cfg)
+        self.run_dir.write_state(RunState())
+        return self._drive()
+
+    def resume(self) -> list[dict]:
+        """Continue from the phase recorded in state.json."""
+        self.run_dir.lock()
+        return self._drive()
+
+    @property
+    def metrics(self) -> list[dict]:
+        return self.run_dir.read_metrics()
+
+    @property
+    def state(self) -> RunState:
+        return self.run_dir.read_state()
+
+    def close(self) -> None:
+        if self._scorer is not None and self._own_scorer:
+            self._scorer.shutdown()
+            self._scorer = None
+        self.run_dir.unlock()
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def _drive(self) -> list[dict]:
+        try:
+            state = self.run_dir.read_state()
+            while state.phase != "done":
+                k, phase = state.round, state.phase
+                self.hook(k, phase, "before")
+                log.info("round %d: %s", k, phase)
+                t0 = time.perf_counter()
+                getattr(self, f"_{phase}")(k)
+                self._timing(k, phase, time.perf_counter() - t0)
+                self.hook(k, phase, "after")
+                state = self._advance(state)
+                self.run_dir.write_state(state)
+            return self.metrics
+        finally:
+            self.close()
+
+    def _advance(self, state: RunState) -> RunState:
+        k, phase = state.round, state.phase
+        history = state.history + [[k, phase]]
+        if phase != "evaluating":
+            return RunState(k, PHASES[PHASES.index(phase) + 1], history)
+        return RunState(k, "done", history) if self._finished(k) else RunState(k + 1, "scoring", history)
+
+    def _finished(self, k: int) -> bool:
+        labels = self.run_dir.read_labeled().num_rows
+        budget = self.cfg.al.budget
+        return k + 1 >= self.cfg.al.rounds or (budget is not None and labels >= budget) or labels >= len(self.pool)
+
+    # ---- phases ----------------------------------------------------------------------------------------
+    def _scoring(self, k: int) -> None:
+        unlabeled = self._unlabeled()
+        u_base = u_lora = None
+        if self.strategy.uses_base or (k == 0 and self.cfg.al.initial == "base_uncertainty"):
+            cached = base_uncertainty(self.scorer, self.pool.for_scoring(), self.run_dir.base_uncertainty_file)
+            u_base = _aligned(cached, unlabeled, self.measure)
+        if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
+            write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
+        if k == 0:  # cold start: no adapter has been trained yet
+            cold = u_base if self.cfg.al.initial == "base_uncertainty" else self._rng(k, "cold").random(unlabeled.num_rows)
+            score = np.asarray(cold, dtype=np.float64)
+        else:
+            if self.strategy.uses_lora:
+                self.scorer.set_adapter(self._adapter_state(k - 1))
+                u_lora = _aligned(self.scorer.score(unlabeled.select(["example_id", "prompt"]), "lora"), unlabeled, self.measure)
+            score = self.strategy.acquisition(u_base, u_lora, k, self._rng(k, "strategy"))
+        n = unlabeled.num_rows
+        write_parquet(self.run_dir.scores_file(k), pa.table({
+            "example_id": unlabeled.column("example_id"),
+            "u_lora": pa.array(u_lora if u_lora is not None else [None] * n, pa.float64()),
+            "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
+            "score": pa.array(score, pa.float64()),
+        }))
+
+    def _selecting(self, k: int) -> None:
+        scores = read_parquet(self.run_dir.scores_file(k))
+        b = self.cfg.al.initial_size if k == 0 else self.cfg.al.batch_size
+        if self.cfg.al.budget is not None:
+            b = min(b, self.cfg.al.budget - self.run_dir.read_labeled().num_rows)
+        ids = select(scores.column("example_id").to_pylist(), scores.column("score").to_numpy(), b, self._rng(k, "ties"))
+        by_id = dict(zip(scores.column("example_id").to_pylist(), scores.column("score").to_pylist()))
+        write_parquet(self.run_dir.selected_file(k), pa.table({
+            "example_id": ids, "rank": list(range(len(ids))), "score": [by_id[e] for e in ids],
+        }))
+
+    def _labeling(self, k: int) -> None:
+        ids = read_parquet(self.run_dir.selected_file(k)).column("example_id").to_pylist()
+        if self.cfg.al.oracle == "simulated":
+            self.run_dir.add_labels(SimulatedOracle(self.pool).label(ids, k))
+            return
+        labels, partial_ok = imported_labels(self.run_dir, k)
+        if len(labels) < len(ids) and not (partial_ok and labels):
+            path = self.run_dir.to_label_file(k)
+            if not path.is_file():
+                path = export_to_label(self.run_dir, k, ids, self.pool)
+            raise NeedsLabels(
+                f"round {k}: {len(ids) - len(labels)} of {len(ids)} examples need labels. Fill the \"label\" "
+                f"fields of {path}, then run:\n  deft label import {self.run_dir.path} {path}\n  deft resume {self.run_dir.path}"
+            )
+        self.run_dir.add_labels(pa.Table.from_pylist(
+            [{"example_id": e, "label": labels[e], "round_added": k, "source": "human"} for e in ids if e in labels]))
+
+    def _training(self, k: int) -> None:
+        from pipeline.training import train_adapter, train_adapter_in_process
+
+        table = self._training_table()
+        init = self._adapter_state(k - 1) if self.cfg.train.warm_start and k > 0 else None
+        add_eos = self.task.kind == "generation"
+        out = self.run_dir.adapter_dir(k)
+        if self.cfg.train.backend == "local":
+            result = train_adapter_in_process(self.cfg, self.model_path, table, out, add_eos, init)
+        else:
+            result = train_adapter(self.cfg, self.model_path, table, out, self.scorer.plan, add_eos, init,
+                                   storage_path=str(self.run_dir.path / "ray_train"), name=f"round-{k}")
+        write_json(self.run_dir.round_dir(k) / "train_metrics.json", result.metrics)
+
+    def _evaluating(self, k: int) -> None:
+        result = self._evaluate_adapter(k) if self.test is not None else {}
+        selected = read_parquet(self.run_dir.selected_file(k))
+        labeled = self.run_dir.read_labeled()
+        new = labeled.filter(pc.equal(labeled.column("round_added"), k)).column("label").to_pylist()
+        train = _read_json(self.run_dir.round_dir(k) / "train_metrics.json")
+        line = {
+            "round": k,
+            "labels": labeled.num_rows,
+            "strategy": self.cfg.al.strategy,
+            "lambda": self._schedule()(k) if self.cfg.al.strategy == "star" else None,
+            **result,
+            "selected": {"n": selected.num_rows, "mean_score": _mean(selected.column("score").to_pylist()),
+                         "labels": {l: new.count(l) for l in sorted(set(new))}},
+            "train_loss": train.get("epoch_loss", [None])[-1],
+            "timings": {**_read_json(self.run_dir.round_dir(k) / "timings.json"),
+                        "train_fit_s": train.get("fit_s"), "train_overhead_s": train.get("overhead_s")},
+        }
+        self.run_dir.put_metrics(line)
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+    def _evaluate_adapter(self, k: Optional[int]) -> dict:
+        """Accuracy and ECE on the test split; k=None evaluates the base model (adapter disabled)."""
+        t0 = time.perf_counter()
+        if k is not None:
+            self.scorer.set_adapter(self._adapter_state(k))
+        scored = self.scorer.score(self.test.for_scoring(), "eval" if k is not None else "base")
+        labels = dict(zip(self.test.example_ids, self.test.table.column("label").to_pylist()))
+        return {**evaluate(scored, labels, self.task, self.cfg.al.ece_bins), "eval_s": time.perf_counter() - t0}
+
+    def _adapter_state(self, k: int) -> dict:
+        from pipeline.training import read_adapter_state
+
+        return read_adapter_state(self.run_dir.adapter_dir(k))
+
+    def _training_table(self) -> pa.Table:
+        """Labelled rows joined with their prompts. Oracle labels train on the pool's target text; a human's
+        label becomes the target the task builds from it."""
+        labeled = self.run_dir.read_labeled().to_pylist()
+        prompts = dict(zip(self.pool.example_ids, self.pool.table.column("prompt").to_pylist()))
+        targets = dict(zip(self.pool.example_ids, self.pool.table.column("target").to_pylist()))
+        rows = [{"example_id": r["example_id"], "prompt": prompts[r["example_id"]],
+                 "target": targets[r["example_id"]] if r["source"] == "oracle" else self.task.target(r["label"], r["label"])}
+                for r in labeled]
+        return pa.Table.from_pylist(rows)
+
+    def _unlabeled(self) -> pa.Table:
+        have = self.run_dir.read_labeled().column("example_id")
+        table = self.pool.table.select(["example_id", "prompt"])
+        return table.filter(pc.invert(pc.is_in(table.column("example_id"), value_set=have)))
+
+    def _rng(self, k: int, purpose: str) -> np.random.Generator:
+        return np.random.default_rng([self.cfg.seed, k, sum(purpose.encode())])
+
+    def _schedule(self) -> LambdaSchedule:
+        al = self.cfg.al
+        return LambdaSchedule(al.lambda_start, al.lambda_step, al.lambda_max, tuple(al.lambda_values))
+
+    def _timing(self, k: int, phase: str, seconds: float) -> None:
+        path = self.run_dir.round_dir(k) / "timings.json"
+        write_json(path, {**_read_json(path), f"{phase}_s": round(seconds, 3)})
+
+    # ---- lazily built resources ------------------------------------------------------------------------
+    @property
+    def pool(self) -> Pool:
+        if self._pool is None:
+            d = self.cfg.data
+            self._pool = load_pool(d.path, self.task, id_field=d.id_field, on_bad_row=d.on_bad_row, limit=d.limit,
+                                   require_label=self.cfg.al.oracle == "simulated", demo_size=d.demo_size, seed=self.cfg.seed)
+        return self._pool
+
+    @property
+    def test(self) -> Optional[Pool]:
+        d = self.cfg.data
+        if self._test is None and d.test_path:
+            seed = self.cfg.seed + TEST_SEED_OFFSET if d.test_path == "demo" else self.cfg.seed
+            self._test = load_pool(d.test_path, self.task, id_field=d.id_field, on_bad_row=d.on_bad_row,
+                                   limit=self.cfg.al.eval_limit, demo_size=d.demo_size, seed=seed)
+        return self._test
+
+    @property
+    def model_path(self) -> str:
+        if self._model_path is None:
+            from actors.model import resolve_model_path
+
+            self._model_path = resolve_model_path(self.cfg.model)
+        return self._model_path
+
+    @property
+    def scorer(self):
+        if self._scorer is None:
+            from cluster.runtime import connect
+            from pipeline.scoring import PoolScorer
+
+            c = self.cfg.cluster
+            connect(c.address, c.num_cpus, c.temp_dir)
+            self._scorer = PoolScorer(self.cfg, self.model_path)
+        return self._scorer
+
+
+def _aligned(scored: pa.Table, table: pa.Table, column: str) -> np.ndarray:
+    values = dict(zip(scored.column("example_id").to_pylist(), scored.column(column).to_pylist()))
+    return np.array([values[e] for e in table.column("example_id").to_pylist()], dtype=np.float64)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _mean(values: list) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None

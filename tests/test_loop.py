@@ -1,0 +1,187 @@
+"""The active-learning loop through local Ray on a tiny random Llama: the run directory contract, the
+same result after a kill at any phase, the human oracle round trip, and label-free scoring."""
+import json
+import shutil
+
+import pyarrow as pa
+import pytest
+
+from pipeline.cli import main as deft
+from pipeline.io import read_parquet
+from pipeline.loop import ActiveLearningRun, NeedsLabels
+from pipeline.run_dir import PHASES, RunDir, RunLocked
+from pipeline.scoring import PoolScorer
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def loop_config(model_dir, **sections):
+    base = dict(
+        data={"path": "demo", "test_path": "demo", "demo_size": 40},
+        al={"strategy": "star", "initial_size": 6, "batch_size": 5, "rounds": 2, "eval_limit": 12, "ece_bins": 10},
+        train={"epochs": 2, "lr": 3e-3, "batch_size": 4, "backend": "local"},
+    )
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return tiny_config(model_dir, **base)
+
+
+@pytest.fixture(scope="module")
+def scorer(ray_local, tiny_model_dir):
+    ps = PoolScorer(loop_config(tiny_model_dir), tiny_model_dir)
+    yield ps
+    ps.shutdown()
+
+
+def outcome(run_dir):
+    run = RunDir(run_dir)
+    labeled = run.read_labeled().sort_by("example_id").to_pylist()
+    rounds = sorted(int(p.name) for p in (run.path / "rounds").iterdir())
+    selected = {k: read_parquet(run.selected_file(k)).column("example_id").to_pylist() for k in rounds}
+    return labeled, selected
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, scorer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("reference") / "run"
+    ActiveLearningRun(loop_config(tiny_model_dir), path, scorer=scorer).run()
+    return path, outcome(path)
+
+
+def test_full_two_round_loop_with_ray_train(tiny_model_dir, tmp_path, ray_local):
+    cfg = loop_config(tiny_model_dir, train={"backend": "ray", "epochs": 1})
+    run = ActiveLearningRun(cfg, tmp_path / "run")
+    metrics = run.run()
+    rd = RunDir(tmp_path / "run")
+    assert rd.read_state().phase == "done"
+    assert [m["round"] for m in metrics] == [0, 1] and [m["labels"] for m in metrics] == [6, 11]
+    assert all(0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0 for m in metrics)
+    assert metrics[1]["lambda"] == pytest.approx(0.2)
+    for name in ("config.yaml", "state.json", "labeled.parquet", "base_uncertainty.parquet", "metrics.jsonl", "base_eval.json"):
+        assert (rd.path / name).is_file(), name
+    for k in (0, 1):
+        assert rd.scores_file(k).is_file() and rd.selected_file(k).is_file()
+        assert (rd.adapter_dir(k) / "adapter_model.safetensors").is_file()
+    labeled = rd.read_labeled()
+    assert labeled.column_names == ["example_id", "label", "round_added", "source"]
+    assert labeled.column("round_added").to_pylist().count(1) == 5 and set(labeled.column("source").to_pylist()) == {"oracle"}
+    scores1 = read_parquet(rd.scores_file(1))
+    assert scores1.column_names == ["example_id", "u_lora", "u_base", "score"]
+    assert scores1.num_rows == 40 - 6  # round 1 scores the unlabelled pool only
+    assert deft(["report", str(rd.path)]) == 0
+    assert rd.report_file.is_file() and rd.curve_file.stat().st_size > 0
+    assert "| 1 | 11 |" in rd.report_file.read_text()
+
+
+class Killed(BaseException):
+    pass
+
+
+KILL_POINTS = [(k, phase, when) for k in (0, 1) for phase in PHASES[:-1] for when in ("before", "after")]
+
+
+@pytest.mark.parametrize("k,phase,when", KILL_POINTS, ids=[f"r{k}-{p}-{w}" for k, p, w in KILL_POINTS])
+def test_kill_and_resume_ends_like_an_uninterrupted_run(tiny_model_dir, scorer, reference, tmp_path, k, phase, when):
+    def kill(round_, phase_, when_):
+        if (round_, phase_, when_) == (k, phase, when):
+            raise Killed()
+
+    path = tmp_path / "run"
+    with pytest.raises(Killed):
+        ActiveLearningRun(loop_config(tiny_model_dir), path, hook=kill, scorer=scorer).run()
+    state = RunDir(path).read_state()
+    assert (state.round, state.phase) == (k, phase)  # the state never moved past the killed phase
+    ActiveLearningRun.open(path, scorer=scorer).resume()
+    assert outcome(path) == reference[1]
+
+
+def test_a_second_driver_is_locked_out(tiny_model_dir, tmp_path):
+    rd = RunDir(tmp_path / "run").lock()
+    try:
+        with pytest.raises(RunLocked, match="in use by pid"):
+            RunDir(tmp_path / "run").lock()
+    finally:
+        rd.unlock()
+
+
+def test_run_refuses_an_existing_run_dir(tiny_model_dir, reference, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(reference[0], copy)
+    with pytest.raises(FileExistsError, match="deft resume"):
+        ActiveLearningRun(loop_config(tiny_model_dir), copy).run()
+
+
+def test_scorers_never_see_labels(tiny_model_dir, scorer, tmp_path):
+    seen = []
+
+    class Spy:
+        plan = scorer.plan
+
+        def score(self, table, mode):
+            seen.append(table.column_names)
+            return scorer.score(table, mode)
+
+        def set_adapter(self, state):
+            return scorer.set_adapter(state)
+
+    ActiveLearningRun(loop_config(tiny_model_dir), tmp_path / "run", scorer=Spy()).run()
+    assert seen and all(cols == ["example_id", "prompt"] for cols in seen)
+
+
+def _fill(path, labels_by_line):
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    for row, label in zip(rows, labels_by_line):
+        row["label"] = label
+    return rows
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_human_oracle_export_bad_import_good_import_resume(tiny_model_dir, scorer, tmp_path, capsys):
+    cfg = loop_config(tiny_model_dir, al={"oracle": "human", "rounds": 1, "initial_size": 4})
+    path = tmp_path / "run"
+    with pytest.raises(NeedsLabels, match="deft label import"):
+        ActiveLearningRun(cfg, path, scorer=scorer).run()
+    rd = RunDir(path)
+    assert (rd.read_state().round, rd.read_state().phase) == (0, "labeling")
+    to_label = rd.to_label_file(0)
+    exported = [json.loads(l) for l in to_label.read_text().splitlines()]
+    assert [r["label"] for r in exported] == [""] * 4 and all(set(r) == {"example_id", "prompt", "label"} for r in exported)
+
+    bad = _fill(to_label, ["true", "maybe", "false", "true"])
+    bad.append(dict(bad[0]))  # a duplicate
+    bad.append({"example_id": "nope", "label": "true"})  # an unknown id
+    assert deft(["label", "import", str(path), str(_write(tmp_path / "bad.jsonl", bad))]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: label 'maybe' is not in the label set" in err
+    assert "bad.jsonl:5: duplicate example_id" in err and "bad.jsonl:6: unknown example_id 'nope'" in err
+    assert not rd.imported_file(0).exists()  # a bad file changes nothing
+
+    partial = _write(tmp_path / "partial.jsonl", _fill(to_label, ["true", "false", "", ""]))
+    assert deft(["label", "import", str(path), str(partial)]) == 0
+    with pytest.raises(NeedsLabels):  # 2 of 4 labelled and no --allow-partial: still waiting
+        ActiveLearningRun.open(path, scorer=scorer).resume()
+    rest = _write(tmp_path / "rest.jsonl", _fill(to_label, ["", "", "False", "true"]))
+    assert deft(["label", "import", str(path), str(rest)]) == 0
+    ActiveLearningRun.open(path, scorer=scorer).resume()
+    labeled = rd.read_labeled().to_pylist()
+    ids = [r["example_id"] for r in exported]
+    assert {r["example_id"]: r["label"] for r in labeled} == dict(zip(ids, ["true", "false", "false", "true"]))
+    assert {r["source"] for r in labeled} == {"human"} and rd.read_state().phase == "done"
+
+
+def test_allow_partial_continues_with_what_is_labelled(tiny_model_dir, scorer, tmp_path):
+    cfg = loop_config(tiny_model_dir, al={"oracle": "human", "rounds": 1, "initial_size": 4})
+    path = tmp_path / "run"
+    with pytest.raises(NeedsLabels):
+        ActiveLearningRun(cfg, path, scorer=scorer).run()
+    rd = RunDir(path)
+    partial = _write(tmp_path / "p.jsonl", _fill(rd.to_label_file(0), ["true", "", "false", ""]))
+    assert deft(["label", "import", str(path), str(partial), "--allow-partial"]) == 0
+    ActiveLearningRun.open(path, scorer=scorer).resume()
+    assert rd.read_labeled().num_rows == 2 and rd.read_state().phase == "done"
