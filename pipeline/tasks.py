@@ -6,6 +6,7 @@ Two kinds:
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 from dataclasses import dataclass
@@ -162,15 +163,8 @@ def gsm8k(max_new_tokens: int = 256) -> GenerationTask:
 
 
 def demo() -> VerbalizerTask:
-    """The generated arithmetic-comparison task (see pipeline.demo)."""
-    return VerbalizerTask(
-        name="demo",
-        input_fields=("question",),
-        answer_field="answer",
-        prompt_template="{question}\nthe correct answer is",
-        labels=("true", "false"),
-        label_words=(" true", " false"),
-    )
+    """The generated number-comparison task (see pipeline.demo): BoolQ's format under its own name."""
+    return dataclasses.replace(boolq(), name="demo")
 
 
 def get_task(cfg: TaskConfig) -> Task:

@@ -31,7 +31,7 @@ def _fit(cfg, model_dir, labeled, out, ray, workers, **kw):
 def test_training_lowers_loss_and_the_adapter_round_trips_and_broadcasts(ray_local, tiny_model_dir, labeled, tmp_path):
     from peft import PeftModel
 
-    cfg = tiny_config(tiny_model_dir, train={"epochs": 4, "lr": 1e-2, "batch_size": 8})
+    cfg = tiny_config(tiny_model_dir, train={"epochs": 6, "lr": 1e-2, "batch_size": 8})
     scorer = PoolScorer(cfg, tiny_model_dir)  # long-lived scorers stay up while Ray Train runs beside them
     try:
         table = labeled.select(["example_id", "prompt"])
@@ -40,8 +40,8 @@ def test_training_lowers_loss_and_the_adapter_round_trips_and_broadcasts(ray_loc
 
         result = _fit(cfg, tiny_model_dir, labeled, tmp_path / "adapter", ray_local, workers=1)
         losses = result.metrics["epoch_loss"]
-        assert len(losses) == 4 and all(b < a for a, b in zip(losses, losses[1:])), losses
-        assert losses[-1] < losses[0] * 0.85, losses
+        assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])), losses
+        assert losses[0] - losses[-1] > 0.5, losses  # nats; the first epoch starts near ln(vocab)
         assert result.metrics["world_size"] == 1 and result.metrics["examples"] == 24
 
         # A plain PEFT load of the saved dir gives exactly the weights that were broadcast.
