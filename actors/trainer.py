@@ -202,6 +202,9 @@ class LoraRecipe:
                 if t_warm is None:
                     t_warm, warm_seen = time.perf_counter(), seen
             epoch_losses.append(self._mean_across_ranks(total / steps_per_epoch))
+            if self.rank == 0:  # forwarded to the driver's console by Ray
+                print(f"[deft train] epoch {epoch + 1}/{self.cfg.epochs} loss {epoch_losses[-1]:.4f} "
+                      f"({seen / (time.perf_counter() - t_train):.1f} examples/s)", flush=True)
         t_end = time.perf_counter()
         train_s = t_end - t_train
         steady_s = t_end - t_warm if t_warm is not None else 0.0
@@ -287,6 +290,9 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     setup_s = time.perf_counter() - t0
     seen, warm_seen, t_warm, losses, t_train = 0, 0, None, [], time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training", unit="step", leave=False)
     for epoch in range(cfg.epochs):
         model.train()
         total = 0.0
@@ -303,7 +309,10 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
             seen += len(idx)
             if t_warm is None:
                 t_warm, warm_seen = time.perf_counter(), seen
+            bar.update(1)
         losses.append(total / steps_per_epoch)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    bar.close()
     t_end = time.perf_counter()
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -12,12 +12,16 @@ from typing import Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
 from pipeline.data import SCORER_COLUMNS
 from pipeline.io import read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
+
+
+PROGRESS_STEPS = 4  # shards per actor per call: progress granularity; the blocks themselves do not change
 
 
 class ScoringError(RuntimeError):
@@ -106,7 +110,7 @@ class PoolScorer:
         versions = ray.get([a.set_adapter.remote(ref) for a in self.actors])
         return versions[0]
 
-    def score(self, table: pa.Table, mode: str) -> pa.Table:
+    def score(self, table: pa.Table, mode: str, progress: bool = True) -> pa.Table:
         """One row per example_id of `table` (example_id, prompt), in `table`'s order."""
         import ray
 
@@ -119,11 +123,20 @@ class PoolScorer:
         ctx.enable_auto_log_stats = False
         # A static split of fixed blocks: Ray Data's streaming_split would balance dynamically, but it starts
         # a coordinator actor (a new process) on every call and keeps it polling while the actors score.
-        hands = [h for h in deal_blocks(length_sorted_blocks(table, self.cfg.scoring.batch_size), len(self.actors)) if h]
-        ds = ray.data.from_arrow([block for hand in hands for block in hand])
-        cuts = [sum(b.num_rows for b in h) for h in hands]
-        shards = ds.split_at_indices([sum(cuts[: i + 1]) for i in range(len(cuts) - 1)])
-        parts = ray.get([a.score_shard.remote(s, mode) for a, s in zip(self.actors, shards)])
+        # Each actor's blocks go in a few sequential shards, so the driver can show progress as they finish.
+        hands = deal_blocks(length_sorted_blocks(table, self.cfg.scoring.batch_size), len(self.actors))
+        pieces = [(a, hand[i::PROGRESS_STEPS]) for a, hand in zip(self.actors, hands) for i in range(PROGRESS_STEPS)]
+        pieces = [(a, blocks) for a, blocks in pieces if blocks]
+        ds = ray.data.from_arrow([block for _, blocks in pieces for block in blocks])
+        sizes = [sum(b.num_rows for b in blocks) for _, blocks in pieces]
+        shards = ds.split_at_indices([sum(sizes[: i + 1]) for i in range(len(sizes) - 1)])
+        refs = {a.score_shard.remote(shard, mode): n for (a, _), shard, n in zip(pieces, shards, sizes)}
+        parts, pending = [], list(refs)
+        with tqdm(total=table.num_rows, desc=f"scoring ({mode})", unit="row", disable=not progress, leave=False) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                parts.append(ray.get(done[0]))
+                bar.update(refs[done[0]])
         result = pa.concat_tables([p for p in parts if p is not None], promote_options="default")
         ids = table.column("example_id").to_pylist()
         check_exactly_once(ids, result)
