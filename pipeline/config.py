@@ -94,14 +94,12 @@ class DataConfig:
 @dataclass
 class ScoringConfig:
     mc_passes: int = 3  # T, the paper's value
-    batch_size: int = 16  # rows per forward pass
-    bucket_size: int = 256  # rows sorted by length together, so each batch pads little
+    batch_size: int = 16  # rows per forward pass; the pool is length-sorted into blocks of this size
     num_actors: Optional[int] = None  # None: the resource plan decides
 
     def __post_init__(self):
         _require(self.mc_passes >= 1, f"scoring.mc_passes should be >= 1, got {self.mc_passes}")
         _require(self.batch_size >= 1, f"scoring.batch_size should be >= 1, got {self.batch_size}")
-        _require(self.bucket_size >= self.batch_size, f"scoring.bucket_size should be >= batch_size ({self.batch_size}), got {self.bucket_size}")
         _require(self.num_actors is None or self.num_actors >= 1, f"scoring.num_actors should be >= 1, got {self.num_actors}")
 
 

@@ -74,7 +74,7 @@ def tiny_config(model_dir: str, **sections) -> Config:
         "lora": {"r": 4, "alpha": 8, "dropout": 0.3},
         "task": {"name": "demo", "max_new_tokens": 8},
         "data": {"path": "demo", "demo_size": 40},
-        "scoring": {"mc_passes": 3, "batch_size": 4, "bucket_size": 8, "num_actors": 2},
+        "scoring": {"mc_passes": 3, "batch_size": 4, "num_actors": 2},
         "cluster": {"num_cpus": 2},
     }
     for name, values in sections.items():

@@ -67,7 +67,7 @@ def test_ray_job_submit_runs_a_tiny_loop(tiny_model_dir, tmp_path):
         "lora": {"r": 4, "alpha": 8},
         "task": {"name": "demo"},
         "data": {"path": "demo", "test_path": "demo", "demo_size": 30},
-        "scoring": {"batch_size": 4, "bucket_size": 8, "num_actors": 2},
+        "scoring": {"batch_size": 4, "num_actors": 2},
         "al": {"initial_size": 6, "rounds": 1, "eval_limit": 10, "ece_bins": 10},
         "train": {"epochs": 1, "batch_size": 4, "backend": "ray"},
     }))
