@@ -40,9 +40,20 @@ def verbalizer_token_ids(tokenizer, words: Iterable[str]) -> list[int]:
     return ids
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
+def positions(mask: torch.Tensor) -> torch.Tensor:
     # Left padding: real tokens get positions 0..n-1, as they would unpadded.
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) padded on the left, so every row's last token is at position -1."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
 
 
 class Scorer:
@@ -124,13 +135,7 @@ class Scorer:
         return pa.concat_tables(parts) if parts else None
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
+        ids, mask = left_pad(seqs, self.tokenizer.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
 
     @contextlib.contextmanager
@@ -165,7 +170,7 @@ class Scorer:
 
     def _score_verbalizer(self, seqs: list[list[int]], mode: str) -> list[dict]:
         ids, mask = self._pad(seqs)
-        pos = _positions(mask)
+        pos = positions(mask)
         passes = []
         with self._mode(mode, sample=True):
             for _ in range(self._passes(mode)):
@@ -212,7 +217,7 @@ class Scorer:
             ans[i, : len(a)] = torch.tensor(a)
             ans_mask[i, : len(a)] = 1
         full, full_mask = torch.cat([ids, ans], 1), torch.cat([mask, ans_mask], 1)
-        pos = _positions(full_mask)
+        pos = positions(full_mask)
         nll, ent = [], []
         with self._mode(mode, sample=True):
             for _ in range(self._passes(mode)):

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from actors.scorer import left_pad, positions
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "boolq" / "train.jsonl"
 
 
@@ -95,24 +97,14 @@ def reference_scores(model, tokenizer, prompts, label_ids, passes: int, answer_p
     return out
 
 
-def _left_pad(tokenizer, seqs):
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
 def limit_scores(model, tokenizer, prompts, label_ids, passes: int, batch_size: int) -> None:
     """T eval-mode forwards per batch, batched and length-sorted, logits only at the last position."""
     seqs = sorted(tokenizer(prompts).input_ids, key=len)
     model.eval()
     with torch.inference_mode():
         for i in range(0, len(seqs), batch_size):
-            ids, mask = _left_pad(tokenizer, seqs[i : i + batch_size])
-            pos = (mask.cumsum(-1) - 1).clamp_min(0)
+            ids, mask = left_pad(seqs[i : i + batch_size], tokenizer.pad_token_id)
+            pos = positions(mask)
             for _ in range(passes):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
                 torch.softmax(logits[:, -1, label_ids].float(), -1)
@@ -127,7 +119,7 @@ class VerbalizerWrapper(torch.nn.Module):
 
     def forward(self, data):
         ids, mask = data
-        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        pos = positions(mask)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
         return torch.softmax(logits[:, -1, self.label_ids].float(), -1)
 
@@ -140,7 +132,7 @@ def baal_scores(model, tokenizer, prompts, label_ids, passes: int, batch_size: i
     dataset = [(torch.tensor(s), 0) for s in seqs]
 
     def collate(items):
-        ids, mask = _left_pad(tokenizer, [x.tolist() for x, _ in items])
+        ids, mask = left_pad([x.tolist() for x, _ in items], tokenizer.pad_token_id)
         return [ids, mask], torch.zeros(len(items))
 
     wrapper = ModelWrapper(

@@ -200,7 +200,7 @@ def cmd_score(args) -> int:
 
     from actors.model import resolve_model_path
     from cluster.runtime import connect
-    from pipeline.data import load_pool
+    from pipeline.data import pool_from_config
     from pipeline.io import write_parquet
     from pipeline.scoring import PoolScorer
     from pipeline.strategies import measure_column
@@ -208,9 +208,7 @@ def cmd_score(args) -> int:
 
     cfg = _config(args.config, args.overrides, args.address)
     task = get_task(cfg.task)
-    d = cfg.data
-    pool = load_pool(d.path, task, id_field=d.id_field, on_bad_row=d.on_bad_row, limit=d.limit,
-                     require_label=False, demo_size=d.demo_size, seed=cfg.seed)
+    pool = pool_from_config(cfg.data, task, cfg.seed, require_label=False)
     measure = measure_column(task.kind, cfg.al.measure)
     connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.temp_dir)
     scorer = PoolScorer(cfg, resolve_model_path(cfg.model))

@@ -188,3 +188,11 @@ def load_pool(
     if not rows:
         raise DataError(f"{source}: no usable rows")
     return Pool(pa.Table.from_pylist(rows, schema=POOL_SCHEMA), source, bad)
+
+
+def pool_from_config(data, task: Task, seed: int, require_label: bool, path: Optional[str] = None,
+                     limit: Optional[int] = None) -> Pool:
+    """The pool a DataConfig names (`path` overrides data.path, e.g. for the test split)."""
+    return load_pool(path or data.path, task, id_field=data.id_field, on_bad_row=data.on_bad_row,
+                     limit=limit if limit is not None else data.limit, require_label=require_label,
+                     demo_size=data.demo_size, seed=seed)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.data import Pool, load_pool
+from pipeline.data import Pool, pool_from_config
 from pipeline.demo import TEST_SEED_OFFSET
 from pipeline.evaluation import evaluate
 from pipeline.io import read_parquet, write_json, write_parquet
@@ -250,8 +250,7 @@ class ActiveLearningRun:
     def pool(self) -> Pool:
         if self._pool is None:
             d = self.cfg.data
-            self._pool = load_pool(d.path, self.task, id_field=d.id_field, on_bad_row=d.on_bad_row, limit=d.limit,
-                                   require_label=self.cfg.al.oracle == "simulated", demo_size=d.demo_size, seed=self.cfg.seed)
+            self._pool = pool_from_config(d, self.task, self.cfg.seed, require_label=self.cfg.al.oracle == "simulated")
         return self._pool
 
     @property
@@ -259,8 +258,8 @@ class ActiveLearningRun:
         d = self.cfg.data
         if self._test is None and d.test_path:
             seed = self.cfg.seed + TEST_SEED_OFFSET if d.test_path == "demo" else self.cfg.seed
-            self._test = load_pool(d.test_path, self.task, id_field=d.id_field, on_bad_row=d.on_bad_row,
-                                   limit=self.cfg.al.eval_limit, demo_size=d.demo_size, seed=seed)
+            self._test = pool_from_config(d, self.task, seed, require_label=True, path=d.test_path,
+                                          limit=self.cfg.al.eval_limit)
         return self._test
 
     @property
