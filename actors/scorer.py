@@ -103,8 +103,9 @@ class Scorer:
         }
 
     # ---- scoring -------------------------------------------------------------------------------------
-    def score(self, batch: dict[str, list], mode: str) -> dict[str, list]:
-        """Uncertainty columns for `batch` (example_id, prompt), in the batch's own row order."""
+    def score(self, batch: dict[str, list], mode: str, seed: Optional[int] = None) -> dict[str, list]:
+        """Uncertainty columns for `batch` (example_id, prompt), in the batch's own row order. `seed` (default:
+        the actor's) seeds the MC dropout masks, so one actor can serve runs of different seeds."""
         if mode not in MODES:
             raise ValueError(f"mode should be one of {MODES}, got {mode!r}")
         unexpected = set(batch) - {"example_id", "prompt"}
@@ -118,12 +119,13 @@ class Scorer:
         bs = self.scoring_cfg.batch_size
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
-            for i, r in zip(idx, self._score_batch([enc.input_ids[i] for i in idx], mode, ids[idx[0]])):
+            key = f"{self.seed if seed is None else seed}:{ids[idx[0]]}"
+            for i, r in zip(idx, self._score_batch([enc.input_ids[i] for i in idx], mode, key)):
                 rows[i] = r
         columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
         return {"example_id": ids, **columns}
 
-    def score_shard(self, shard, mode: str):
+    def score_shard(self, shard, mode: str, seed: Optional[int] = None):
         """Score one Ray Data shard (a DataIterator from `streaming_split`) and return a pyarrow Table."""
         import pyarrow as pa
 
@@ -131,7 +133,7 @@ class Scorer:
         # batch_size=None keeps the driver's blocks whole: each is one length-sorted micro-batch, so the
         # dropout masks a row sees do not depend on which actor got it.
         for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-            parts.append(pa.table(self.score(batch.to_pydict(), mode)))
+            parts.append(pa.table(self.score(batch.to_pydict(), mode, seed)))
         return pa.concat_tables(parts) if parts else None
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +158,9 @@ class Scorer:
         return self.scoring_cfg.mc_passes if mode == "lora" else 1
 
     def _seed(self, key: str) -> None:
-        # A batch's dropout masks depend on the run seed and its first example_id only, so a result does
+        # A batch's dropout masks depend on the run seed and its first example_id only (key = "seed:id"), so a result does
         # not depend on which actor scored it or in what order.
-        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
+        digest = hashlib.sha256(key.encode()).digest()
         torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
 
     @torch.inference_mode()

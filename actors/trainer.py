@@ -9,6 +9,7 @@ that), nothing is dropped, and a given seed gives the same batches on any cluste
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -103,6 +104,12 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_ste
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def training_model_config(model: dict) -> ModelConfig:
+    """The model config for training: model.attention_dropout is for MC scoring only, never for training
+    (the recipe's only dropout is the LoRA input dropout)."""
+    return dataclasses.replace(from_dict(ModelConfig, model), attention_dropout=0.0)
+
+
 # ---- the recipe --------------------------------------------------------------------------------------
 @dataclass
 class LoopConfig:
@@ -121,7 +128,7 @@ class LoopConfig:
 class LoraRecipe:
     def __init__(self, loop: LoopConfig):
         self.loop = loop
-        self.model_cfg = from_dict(ModelConfig, loop.model)
+        self.model_cfg = training_model_config(loop.model)
         self.lora_cfg = from_dict(LoraConfig, loop.lora)
         self.cfg = from_dict(TrainConfig, loop.train)
         import ray.train
@@ -184,11 +191,12 @@ class LoraRecipe:
         data = self._setup_data()
         n = len(data)
         steps_per_epoch = math.ceil(n / self.cfg.batch_size)
-        engine = self._setup_engine(model, self.cfg.epochs * steps_per_epoch)
+        epochs = self.cfg.epochs_for(n)
+        engine = self._setup_engine(model, epochs * steps_per_epoch)
         setup_s = time.perf_counter() - t0
         epoch_losses, seen, t_train = [], 0, time.perf_counter()
         warm_seen, t_warm = 0, None  # steady state: everything after the first step
-        for epoch in range(self.cfg.epochs):
+        for epoch in range(epochs):
             engine.train()
             total = 0.0
             for idx in rank_batches(n, self.cfg.batch_size, epoch, self.loop.seed, self.rank, self.world):
@@ -203,7 +211,7 @@ class LoraRecipe:
                     t_warm, warm_seen = time.perf_counter(), seen
             epoch_losses.append(self._mean_across_ranks(total / steps_per_epoch))
             if self.rank == 0:  # forwarded to the driver's console by Ray
-                print(f"[deft train] epoch {epoch + 1}/{self.cfg.epochs} loss {epoch_losses[-1]:.4f} "
+                print(f"[deft train] epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f} "
                       f"({seen / (time.perf_counter() - t_train):.1f} examples/s)", flush=True)
         t_end = time.perf_counter()
         train_s = t_end - t_train
@@ -211,7 +219,7 @@ class LoraRecipe:
         metrics = {
             "epoch_loss": epoch_losses,
             "examples": n,
-            "steps": self.cfg.epochs * steps_per_epoch,
+            "steps": epochs * steps_per_epoch,
             "world_size": self.world,
             "setup_s": setup_s,
             "train_s": train_s,
@@ -271,7 +279,7 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
     (no 35-47 s Ray Train start-up per round), and the baseline of benchmarks.training."""
     from actors.model import attach_lora, load_adapter_state, load_model, load_tokenizer
 
-    model_cfg, cfg = from_dict(ModelConfig, loop.model), from_dict(TrainConfig, loop.train)
+    model_cfg, cfg = training_model_config(loop.model), from_dict(TrainConfig, loop.train)
     if loop.threads:
         torch.set_num_threads(loop.threads)
     torch.manual_seed(loop.seed)
@@ -285,15 +293,16 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
     rows = sorted(rows, key=lambda r: r["example_id"])
     data = [encode_example(tok, r["prompt"], r["target"], model_cfg.max_length, loop.add_eos) for r in rows]
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+    epochs = cfg.epochs_for(len(data))
     opt = build_optimizer(model, cfg)
-    sched = build_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
+    sched = build_schedule(opt, cfg, epochs * steps_per_epoch)
     trainable = [p for p in model.parameters() if p.requires_grad]
     setup_s = time.perf_counter() - t0
     seen, warm_seen, t_warm, losses, t_train = 0, 0, None, [], time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="training", unit="step", leave=False)
-    for epoch in range(cfg.epochs):
+    bar = tqdm(total=epochs * steps_per_epoch, desc="training", unit="step", leave=False)
+    for epoch in range(epochs):
         model.train()
         total = 0.0
         for idx in rank_batches(len(data), cfg.batch_size, epoch, loop.seed, 0, 1):
@@ -317,7 +326,7 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return {
-        "epoch_loss": losses, "examples": len(data), "steps": cfg.epochs * steps_per_epoch, "world_size": 1,
+        "epoch_loss": losses, "examples": len(data), "steps": epochs * steps_per_epoch, "world_size": 1,
         "setup_s": setup_s, "train_s": t_end - t_train,
         "examples_per_s": seen / (t_end - t_train) if t_end > t_train else 0.0,
         "steady_examples_per_s": (seen - warm_seen) / (t_end - t_warm) if t_warm and t_end > t_warm else 0.0,

@@ -7,7 +7,9 @@
     deft label import RUN FILE [--allow-partial]           (human oracle) validate and take labels
     deft report RUN [RUN ...]                              report.md, learning_curve.png, AULC
     deft score CONFIG [--set ...] [--out FILE]             score a pool once and show the most uncertain
-    deft quickstart [--set ...]                            the STAR loop on the embedded model, offline
+    deft compare CONFIG --strategies random,star --seeds 0,1,2 --out DIR
+                                                           strategies side by side over seeds; label saving
+    deft quickstart [--set ...]                            random vs STAR on the embedded model, offline
     deft bench scoring|training [ARGS ...]                 throughput benchmarks (see benchmarks/)
 
 On a cluster, `ray job submit --working-dir . -- deft run CONFIG` joins the job's cluster (RAY_ADDRESS).
@@ -40,9 +42,17 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start an active-learning run")
     with_config(r)
     r.add_argument("--run-dir", help="where the run lives (default: runs/<config name>-<time>)")
-    q = sub.add_parser("quickstart", help="the STAR loop on the embedded SmolLM2 and the demo task, offline")
+    q = sub.add_parser("quickstart", help="random vs STAR on the embedded SmolLM2 and the demo task, offline")
     with_config(q, positional=False)
-    q.add_argument("--run-dir", help="default: runs/quickstart-<time>")
+    q.add_argument("--out", default="runs/quickstart", help="the comparison's directory (default: runs/quickstart); "
+                   "an unfinished one resumes")
+    q.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    c = sub.add_parser("compare", help="run strategies side by side over seeds; write compare.md/.png; label saving")
+    with_config(c)
+    c.add_argument("--strategies", default="random,star", help="comma-separated (default: random,star)")
+    c.add_argument("--seeds", default="0,1,2", help="comma-separated (default: 0,1,2)")
+    c.add_argument("--out", required=True, help="the comparison's directory; running again resumes it")
+    c.add_argument("--parallel", type=int, help="runs at once (default: one per GPU on multi-GPU clusters, else 1)")
     sub.add_parser("resume", help="continue a run from its recorded phase").add_argument("run")
     sub.add_parser("status", help="show a run's phase and metrics").add_argument("run")
     rep = sub.add_parser("report", help="write report.md and learning_curve.png; print AULC")
@@ -121,6 +131,29 @@ def cmd_run(args, config_path) -> int:
     run_dir = args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"run dir: {run_dir}")
     return _drive(ActiveLearningRun(cfg, run_dir), fresh=True)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from pipeline.config import ConfigError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what} should be comma-separated integers, got {text!r}") from None
+
+
+def cmd_compare(args, config_path, strategies: list[str], seeds: list[int], out: str) -> int:
+    import json
+
+    from pipeline.compare import compare, print_table
+
+    cfg = _config(config_path, args.overrides, args.address)
+    print(f"comparing {', '.join(strategies)} over seed(s) {', '.join(map(str, seeds))} in {out}")
+    summary = compare(cfg, strategies, seeds, out, getattr(args, "parallel", None))
+    print_table(summary)
+    print(f"done in {summary['wall_s']:.0f}s; report: {Path(out) / 'compare.md'}  plot: {Path(out) / 'compare.png'}")
+    print(json.dumps(summary, sort_keys=True))
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -247,7 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args, args.config)
         if args.command == "quickstart":
-            return cmd_run(args, str(CONFIGS / "quickstart.yaml"))
+            return cmd_compare(args, str(CONFIGS / "quickstart.yaml"), ["random", "star"], _ints(args.seeds, "seeds"), args.out)
+        if args.command == "compare":
+            strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+            return cmd_compare(args, args.config, strategies, _ints(args.seeds, "seeds"), args.out)
         handler = {"resume": cmd_resume, "status": cmd_status, "report": cmd_report, "label": cmd_label,
                    "score": cmd_score, "bench": cmd_bench}[args.command]
         return handler(args)

@@ -9,7 +9,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 
@@ -68,7 +68,12 @@ class TaskConfig:
 
     def __post_init__(self):
         _require(self.max_new_tokens >= 1, f"task.max_new_tokens should be >= 1, got {self.max_new_tokens}")
-        if self.name != "custom" or self.kind != "verbalizer":
+        if self.name != "custom":
+            return
+        _require(self.answer_field not in self.input_fields,
+                 f"task.answer_field '{self.answer_field}' is also in task.input_fields {self.input_fields}: "
+                 "the prompt would contain the answer")
+        if self.kind != "verbalizer":
             return
         _require(len(self.labels) >= 2, f"task.labels should list at least 2 labels for a verbalizer task, got {self.labels}")
         _require(len(set(self.labels)) == len(self.labels), f"task.labels should be distinct, got {self.labels}")
@@ -76,6 +81,11 @@ class TaskConfig:
             not self.label_words or len(self.label_words) == len(self.labels),
             f"task.label_words should have one word per label ({len(self.labels)}), got {self.label_words}",
         )
+
+    @property
+    def task_kind(self) -> str:
+        """verbalizer or generation, known from the config alone."""
+        return "generation" if self.name == "gsm8k" or (self.name == "custom" and self.kind == "generation") else "verbalizer"
 
 
 @dataclass
@@ -89,6 +99,7 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.limit is None or self.limit > 0, f"data.limit should be positive, got {self.limit}")
+        _require(self.demo_size >= 1, f"data.demo_size should be >= 1, got {self.demo_size}")
 
 
 @dataclass
@@ -105,9 +116,22 @@ class ScoringConfig:
 
 @dataclass
 class TrainConfig:
-    """Constraint LoRA: the paper's defaults. Regularisation is on by default."""
+    """Constraint LoRA. Regularisation is on by default (B decay 0.5, LoRA dropout in `lora`).
 
+    The defaults are the small-model recipe chosen by measurement (benchmarks/recipe.py, README "Does it
+    save labels?"): few labels make few optimizer steps, so `min_steps` puts a floor under them.
+    `preset: paper` restores the STAR paper's 7B recipe; fields set beside a preset override it.
+    """
+
+    PRESETS: ClassVar[dict] = {
+        # STAR (arXiv 2403.01165) for LLaMA-2-7B-class models: 3 epochs at 1.5e-4, batch 8, no step floor.
+        "paper": {"epochs": 3, "lr": 1.5e-4, "batch_size": 8, "min_steps": 0, "warmup_ratio": 0.0,
+                  "weight_decay_b": 0.5, "schedule": "linear"},
+    }
+
+    preset: Optional[str] = None  # paper: the STAR paper's recipe; None: the defaults below
     epochs: int = 3
+    min_steps: int = 0  # at least this many optimizer steps per round (more epochs over a tiny set)
     lr: float = 1.5e-4
     batch_size: int = 8  # global batch, split over the workers
     schedule: Literal["linear", "constant"] = "linear"
@@ -123,7 +147,10 @@ class TrainConfig:
     backend: Literal["ray", "local"] = "ray"  # ray: Ray Train + DeepSpeed; local: the same recipe in-process
 
     def __post_init__(self):
+        _require(self.preset is None or self.preset in self.PRESETS,
+                 f"train.preset should be one of {sorted(self.PRESETS)}, got {self.preset!r}")
         _require(self.epochs >= 1, f"train.epochs should be >= 1, got {self.epochs}")
+        _require(self.min_steps >= 0, f"train.min_steps should be >= 0, got {self.min_steps}")
         _require(self.lr > 0, f"train.lr should be positive, got {self.lr}")
         _require(self.batch_size >= 1, f"train.batch_size should be >= 1, got {self.batch_size}")
         _require(0.0 <= self.warmup_ratio < 1.0, f"train.warmup_ratio should be in [0, 1), got {self.warmup_ratio}")
@@ -133,25 +160,32 @@ class TrainConfig:
         _require(self.zero_stage in (2, 3), f"train.zero_stage should be 2 or 3, got {self.zero_stage}")
         _require(self.num_workers is None or self.num_workers >= 1, f"train.num_workers should be >= 1, got {self.num_workers}")
 
+    def epochs_for(self, n: int) -> int:
+        """Epochs over n labelled rows: `epochs`, or more if that is what reaching `min_steps` takes."""
+        steps_per_epoch = -(-n // self.batch_size)
+        return max(self.epochs, -(-self.min_steps // max(1, steps_per_epoch)))
+
 
 STRATEGY_NAMES = ("random", "star", "subtract", "entropy", "pe", "least_confidence", "margin", "bald")
+MEASURE_STRATEGIES = ("entropy", "pe", "least_confidence", "margin", "bald")  # each ranks by its own column
 MEASURE_NAMES = ("auto", "entropy", "me", "pe", "least_confidence", "margin", "bald")
+CLASS_MEASURES = ("margin", "bald")  # need a class distribution: verbalizer tasks only
 
 
 @dataclass
 class ActiveLearningConfig:
     strategy: str = "star"  # random, star, subtract, entropy (ME), pe, least_confidence, margin, bald
-    measure: str = "auto"  # the uncertainty star/subtract mix; auto: entropy (verbalizer) or pe (generation)
+    measure: str = "auto"  # only for star/subtract: what they mix; auto: entropy (verbalizer) or pe (generation)
     initial: Literal["random", "base_uncertainty"] = "random"  # how round 0 (cold start) picks
     initial_size: int = 32  # b0
     batch_size: int = 32  # b, labels per later round
     rounds: int = 4  # rounds including the cold start
     budget: Optional[int] = None  # stop once this many labels exist
     oracle: Literal["simulated", "human"] = "simulated"
-    lambda_start: float = 0.1  # STAR: λ_k = min(lambda_max, lambda_start + lambda_step * k)
+    lambda_start: float = 0.1  # STAR: after adapter i, λ = min(lambda_max, lambda_start + lambda_step * i)
     lambda_step: float = 0.1
     lambda_max: float = 1.0
-    lambda_values: list[float] = field(default_factory=list)  # explicit λ per round; overrides the line above
+    lambda_values: list[float] = field(default_factory=list)  # explicit λ per adapter index; overrides the above
     eval_limit: Optional[int] = None  # evaluate on the first N test rows only
     ece_bins: int = 15
     evaluate_base: bool = True  # also evaluate the base model once, as the 0-label point of the curve
@@ -194,6 +228,31 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
 
+    def __post_init__(self):
+        _require(self.seed >= 0, f"seed should be >= 0, got {self.seed}")
+        check_strategy(self.al, self.task.task_kind, self.scoring.mc_passes)
+
+
+def check_strategy(al: ActiveLearningConfig, task_kind: str, mc_passes: int) -> None:
+    """Refuse strategy/measure combinations that would silently rank by something else, or by zeros."""
+    strategy, measure = al.strategy, al.measure
+    mixes = strategy in ("star", "subtract")
+    _require(mixes or measure in ("auto", strategy),
+             f"al.measure={measure} has no effect with al.strategy={strategy}: a measure strategy ranks by its own "
+             f"measure, and al.measure only chooses what star/subtract mix. Drop al.measure, or use al.strategy={measure}")
+    own = measure if mixes else strategy
+    _require(not (task_kind == "generation" and own in CLASS_MEASURES),
+             f"{'al.measure' if mixes else 'al.strategy'}={own} needs a class distribution, but this task is a generation "
+             "task; choose entropy, pe or least_confidence")
+    _require(not (mixes and measure == "bald"),
+             f"al.measure=bald is meaningless for al.strategy={strategy}: the base model is scored in one deterministic "
+             "pass, so its BALD is 0 everywhere; choose entropy, pe, least_confidence or margin")
+    _require(not (own == "bald" and al.initial == "base_uncertainty"),
+             "al.initial=base_uncertainty cannot rank by BALD: the base model's one deterministic pass gives BALD 0 "
+             "everywhere; use al.initial=random")
+    _require(not (strategy == "bald" and mc_passes < 2),
+             f"al.strategy=bald needs scoring.mc_passes >= 2 (BALD is 0 with one pass), got {mc_passes}")
+
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
@@ -232,6 +291,10 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the field."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    presets = getattr(cls, "PRESETS", None)
+    if presets and data.get("preset") is not None:  # a preset's values first, the explicit keys over them
+        _require(data["preset"] in presets, f"{where}.preset should be one of {sorted(presets)}, got {data['preset']!r}")
+        data = {**presets[data["preset"]], **data}
     for key in data:
         _require(key in names, f"unknown config key '{where + '.' if where else ''}{key}' (known: {sorted(names)})")
     kwargs = {k: _coerce(hints[k], v, f"{where + '.' if where else ''}{k}") for k, v in data.items()}
@@ -248,10 +311,15 @@ def to_dict(cfg: Any) -> dict:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'scoring.mc_passes=5' -> (['scoring', 'mc_passes'], 5); the value is parsed as YAML."""
+    """'scoring.mc_passes=5' -> (['scoring', 'mc_passes'], 5); the value is parsed as YAML, and text that
+    is not valid YAML ('{question} {answer}') is taken as the plain string it was meant to be."""
     key, sep, raw = text.partition("=")
     _require(bool(sep) and bool(key), f"--set expects key=value, got {text!r}")
-    return key.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -107,12 +107,13 @@ def _read_hf(spec: str) -> Iterator[tuple[int, dict]]:
         yield i + 1, row
 
 
-def read_rows(source: str, demo_size: int = 400, seed: int = 0) -> Iterator[tuple[int, dict | BadRow]]:
-    """(line, row) pairs; line is the file line for JSONL/CSV and the 1-based row number otherwise."""
+def read_rows(source: str, demo_size: int = 400, seed: int = 0, split: str = "pool") -> Iterator[tuple[int, dict | BadRow]]:
+    """(line, row) pairs; line is the file line for JSONL/CSV and the 1-based row number otherwise.
+    `split` only matters for the generated demo, whose pool and test split share no question."""
     if source == "demo":
         from pipeline.demo import demo_rows
 
-        yield from enumerate(demo_rows(demo_size, seed), start=1)
+        yield from enumerate(demo_rows(demo_size, seed, split), start=1)
         return
     if source.startswith("hf:"):
         yield from _read_hf(source)
@@ -133,15 +134,18 @@ def read_rows(source: str, demo_size: int = 400, seed: int = 0) -> Iterator[tupl
         raise DataError(f"{path}: unknown format '{suffix}'; expected .jsonl, .parquet, .csv or .tsv")
 
 
-def content_id(row: dict) -> str:
-    """A stable id from the row's content: the same row gets the same id in every run and every order."""
-    blob = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
+def content_id(row: dict, fields: tuple[str, ...]) -> str:
+    """A stable id from the row's input fields: the same input gets the same id in every run and every order.
+
+    Only the input fields, never the answer: scorers see ids and ids seed dropout masks, so an id that
+    hashed the gold answer would make u_lora a function of the label."""
+    blob = json.dumps({f: row.get(f) for f in fields}, sort_keys=True, ensure_ascii=False, default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:16]
 
 
-def _row_id(row: dict, id_field: Optional[str]) -> str:
+def _row_id(row: dict, id_field: Optional[str], fields: tuple[str, ...]) -> str:
     if id_field is None:
-        return content_id(row)
+        return content_id(row, fields)
     value = row.get(id_field)
     if value is None or str(value).strip() == "":
         raise BadRow(id_field, "missing id")
@@ -158,16 +162,17 @@ def load_pool(
     require_label: bool = True,
     demo_size: int = 400,
     seed: int = 0,
+    split: str = "pool",
 ) -> Pool:
     """Load and validate a pool. Raises DataError listing every bad row unless on_bad_row == 'skip'."""
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}")
     rows, bad, first_line = [], [], {}
-    for line, row in read_rows(source, demo_size, seed):
+    for line, row in read_rows(source, demo_size, seed, split):
         try:
             if isinstance(row, BadRow):
                 raise row
-            example_id = _row_id(row, id_field)
+            example_id = _row_id(row, id_field, task.input_fields)
             if example_id in first_line:
                 raise BadRow(id_field or "<row>", f"duplicate example_id {example_id!r} (first seen at line {first_line[example_id]})")
             ex = task.example(row, require_label=require_label)
@@ -190,9 +195,15 @@ def load_pool(
     return Pool(pa.Table.from_pylist(rows, schema=POOL_SCHEMA), source, bad)
 
 
-def pool_from_config(data, task: Task, seed: int, require_label: bool, path: Optional[str] = None,
-                     limit: Optional[int] = None) -> Pool:
-    """The pool a DataConfig names (`path` overrides data.path, e.g. for the test split)."""
-    return load_pool(path or data.path, task, id_field=data.id_field, on_bad_row=data.on_bad_row,
-                     limit=limit if limit is not None else data.limit, require_label=require_label,
-                     demo_size=data.demo_size, seed=seed)
+def pool_from_config(data, task: Task, seed: int, require_label: bool) -> Pool:
+    """The pool a DataConfig names: data.path, cut to data.limit rows."""
+    return load_pool(data.path, task, id_field=data.id_field, on_bad_row=data.on_bad_row, limit=data.limit,
+                     require_label=require_label, demo_size=data.demo_size, seed=seed)
+
+
+def eval_split_from_config(data, task: Task, seed: int, eval_limit: Optional[int]) -> Optional[Pool]:
+    """The evaluation split (data.test_path), cut to al.eval_limit rows only: data.limit is for the pool."""
+    if not data.test_path:
+        return None
+    return load_pool(data.test_path, task, id_field=data.id_field, on_bad_row=data.on_bad_row, limit=eval_limit,
+                     require_label=True, demo_size=data.demo_size, seed=seed, split="test")

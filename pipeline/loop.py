@@ -18,18 +18,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import Config
-from pipeline.data import Pool, pool_from_config
-from pipeline.demo import TEST_SEED_OFFSET
+from pipeline.data import Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
 from pipeline.io import read_parquet, write_json, write_parquet
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.run_dir import PHASES, RunDir, RunState
 from pipeline.scoring import base_uncertainty
-from pipeline.strategies import get_strategy, measure_column, select
+from pipeline.strategies import MEASURE_COLUMNS, RoundScores, get_strategy, measure_column, select
 from pipeline.tasks import get_task
 from pipeline.uncertainty import LambdaSchedule
 
 log = logging.getLogger(__name__)
+# The generated demo data is the same for every run seed, like a file: a run's seed varies what is
+# selected and how the adapter trains, not what there is to learn or what it is tested on.
+DATA_SEED = 0
 
 
 class NeedsLabels(Exception):
@@ -43,13 +45,18 @@ class ActiveLearningRun:
         run_dir: str | Path,
         hook: Optional[Callable[[int, str, str], None]] = None,
         scorer=None,
+        base_cache: Optional[Path] = None,
     ):
         """`hook(round, phase, "before"|"after")` runs around every phase (tests use it to kill a run).
-        `scorer`: an existing PoolScorer to use (and leave running); by default the run starts its own."""
+        `scorer`: an existing PoolScorer to use (and leave running); by default the run starts its own.
+        `base_cache`: a base-model score file shared by several runs (`deft compare`): the frozen base
+        model's outputs depend on the prompt alone, so rows another run scored are not scored again."""
         self.cfg, self.run_dir, self.hook = cfg, RunDir(run_dir), hook or (lambda k, phase, when: None)
         self.task = get_task(cfg.task)
-        self.measure = measure_column(self.task.kind, cfg.al.measure)
-        self.strategy = get_strategy(cfg.al.strategy, self._schedule())
+        self.strategy = get_strategy(cfg.al.strategy, self.task.kind, cfg.al.measure, self._schedule())
+        # What u_base measures: the strategy's own measure; for random, al.measure (used by a base cold start).
+        self.base_measure = self.strategy.measure or measure_column(self.task.kind, cfg.al.measure)
+        self.base_cache = Path(base_cache) if base_cache is not None else None
         self._pool = self._test = self._model_path = None
         self._scorer, self._own_scorer = scorer, scorer is None
 
@@ -119,26 +126,29 @@ class ActiveLearningRun:
     # ---- phases ----------------------------------------------------------------------------------------
     def _scoring(self, k: int) -> None:
         unlabeled = self._unlabeled()
-        u_base = u_lora = None
-        if self.strategy.uses_base or (k == 0 and self.cfg.al.initial == "base_uncertainty"):
-            cached = base_uncertainty(self.scorer, self.pool.for_scoring(), self.run_dir.base_uncertainty_file)
-            u_base = _aligned(cached, unlabeled, self.measure)
         if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
             write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
+        n, lora_columns = unlabeled.num_rows, {}
+        u_base = u_lora = None
+        cold_by_base = k == 0 and self.cfg.al.initial == "base_uncertainty"
+        if self.strategy.uses_base or cold_by_base:  # scored once, in round 0, and cached
+            base = base_uncertainty(self.scorer, self.pool.for_scoring(), self.run_dir.base_uncertainty_file, self.base_cache)
+            u_base = _aligned(base, unlabeled, self.base_measure)
         if k == 0:  # cold start: no adapter has been trained yet
-            cold = u_base if self.cfg.al.initial == "base_uncertainty" else self._rng(k, "cold").random(unlabeled.num_rows)
-            score = np.asarray(cold, dtype=np.float64)
+            score = u_base if cold_by_base else self._rng(k, "cold").random(n)
         else:
-            if self.strategy.uses_lora:
+            if self.strategy.uses_lora:  # adapter k-1, trained on rounds 0..k-1, scores round k
                 self.scorer.set_adapter(self._adapter_state(k - 1))
-                u_lora = _aligned(self.scorer.score(unlabeled.select(["example_id", "prompt"]), "lora"), unlabeled, self.measure)
-            score = self.strategy.acquisition(u_base, u_lora, k, self._rng(k, "strategy"))
-        n = unlabeled.num_rows
+                lora = self.scorer.score(unlabeled.select(["example_id", "prompt"]), "lora", seed=self.cfg.seed)
+                lora_columns = {f"lora_{c}": _aligned(lora, unlabeled, c) for c in sorted(set(MEASURE_COLUMNS[self.task.kind].values()))}
+                u_lora = lora_columns[f"lora_{self.strategy.measure}"]
+            score = self.strategy.acquisition(RoundScores(n, u_base, u_lora, adapter=k - 1), self._rng(k, "strategy"))
         write_parquet(self.run_dir.scores_file(k), pa.table({
             "example_id": unlabeled.column("example_id"),
             "u_lora": pa.array(u_lora if u_lora is not None else [None] * n, pa.float64()),
             "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
             "score": pa.array(score, pa.float64()),
+            **{name: pa.array(v, pa.float64()) for name, v in lora_columns.items()},
         }))
 
     def _selecting(self, k: int) -> None:
@@ -193,7 +203,7 @@ class ActiveLearningRun:
             "round": k,
             "labels": labeled.num_rows,
             "strategy": self.cfg.al.strategy,
-            "lambda": self._schedule()(k) if self.cfg.al.strategy == "star" else None,
+            "lambda": self.strategy.weight(k - 1) if k > 0 else None,  # the λ that selected this round's batch
             **result,
             "selected": {"n": selected.num_rows, "mean_score": _mean(selected.column("score").to_pylist()),
                          "labels": {l: new.count(l) for l in sorted(set(new))}},
@@ -207,9 +217,11 @@ class ActiveLearningRun:
     def _evaluate_adapter(self, k: Optional[int]) -> dict:
         """Accuracy and ECE on the test split; k=None evaluates the base model (adapter disabled)."""
         t0 = time.perf_counter()
-        if k is not None:
+        if k is None:  # the frozen base model: shareable between runs, like u_base
+            scored = base_uncertainty(self.scorer, self.test.for_scoring(), None, self.base_cache)
+        else:
             self.scorer.set_adapter(self._adapter_state(k))
-        scored = self.scorer.score(self.test.for_scoring(), "eval" if k is not None else "base")
+            scored = self.scorer.score(self.test.for_scoring(), "eval")
         labels = dict(zip(self.test.example_ids, self.test.table.column("label").to_pylist()))
         return {**evaluate(scored, labels, self.task, self.cfg.al.ece_bins), "eval_s": time.perf_counter() - t0}
 
@@ -249,17 +261,13 @@ class ActiveLearningRun:
     @property
     def pool(self) -> Pool:
         if self._pool is None:
-            d = self.cfg.data
-            self._pool = pool_from_config(d, self.task, self.cfg.seed, require_label=self.cfg.al.oracle == "simulated")
+            self._pool = pool_from_config(self.cfg.data, self.task, DATA_SEED, require_label=self.cfg.al.oracle == "simulated")
         return self._pool
 
     @property
     def test(self) -> Optional[Pool]:
-        d = self.cfg.data
-        if self._test is None and d.test_path:
-            seed = self.cfg.seed + TEST_SEED_OFFSET if d.test_path == "demo" else self.cfg.seed
-            self._test = pool_from_config(d, self.task, seed, require_label=True, path=d.test_path,
-                                          limit=self.cfg.al.eval_limit)
+        if self._test is None:
+            self._test = eval_split_from_config(self.cfg.data, self.task, DATA_SEED, self.cfg.al.eval_limit)
         return self._test
 
     @property

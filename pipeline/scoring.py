@@ -81,7 +81,8 @@ class PoolScorer:
         from cluster.plan import plan_resources
 
         self.cfg = cfg
-        self.plan = plan or plan_resources(ray.cluster_resources(), cfg.scoring.num_actors, cfg.cluster.scorer_cpus)
+        self.plan = plan or plan_resources(ray.cluster_resources(), cfg.scoring.num_actors, cfg.cluster.scorer_cpus,
+                                           train_workers=cfg.train.num_workers)
         remote = ray.remote(Scorer).options(num_cpus=self.plan.scorer_cpus, num_gpus=self.plan.scorer_gpus)
         kwargs = dict(
             model_path=model_path,
@@ -110,8 +111,9 @@ class PoolScorer:
         versions = ray.get([a.set_adapter.remote(ref) for a in self.actors])
         return versions[0]
 
-    def score(self, table: pa.Table, mode: str, progress: bool = True) -> pa.Table:
-        """One row per example_id of `table` (example_id, prompt), in `table`'s order."""
+    def score(self, table: pa.Table, mode: str, progress: bool = True, seed: Optional[int] = None) -> pa.Table:
+        """One row per example_id of `table` (example_id, prompt), in `table`'s order. `seed` seeds the MC
+        dropout masks (default: the config's), so runs of several seeds can share these actors."""
         import ray
 
         if table.column_names != SCORER_COLUMNS:
@@ -130,7 +132,8 @@ class PoolScorer:
         ds = ray.data.from_arrow([block for _, blocks in pieces for block in blocks])
         sizes = [sum(b.num_rows for b in blocks) for _, blocks in pieces]
         shards = ds.split_at_indices([sum(sizes[: i + 1]) for i in range(len(sizes) - 1)])
-        refs = {a.score_shard.remote(shard, mode): n for (a, _), shard, n in zip(pieces, shards, sizes)}
+        seed = self.cfg.seed if seed is None else seed
+        refs = {a.score_shard.remote(shard, mode, seed): n for (a, _), shard, n in zip(pieces, shards, sizes)}
         parts, pending = [], list(refs)
         with tqdm(total=table.num_rows, desc=f"scoring ({mode})", unit="row", disable=not progress, leave=False) as bar:
             while pending:
@@ -150,24 +153,42 @@ class PoolScorer:
         self.actors = []
 
 
-def base_uncertainty(scorer: PoolScorer, table: pa.Table, cache: Optional[Path] = None) -> pa.Table:
-    """u_base for every row: the frozen base never changes, so it is scored once and cached.
+def _known(path: Optional[Path]) -> Optional[pa.Table]:
+    return read_parquet(path) if path is not None and Path(path).is_file() else None
 
-    Rows already in `cache` are reused; only new example_ids are scored, then the cache is rewritten
-    atomically.
+
+def _missing(table: pa.Table, known: Optional[pa.Table]) -> pa.Table:
+    if known is None:
+        return table
+    return table.filter(pc.invert(pc.is_in(table.column("example_id"), value_set=known.column("example_id"))))
+
+
+def _union(a: Optional[pa.Table], b: Optional[pa.Table]) -> Optional[pa.Table]:
+    if a is None or b is None:
+        return a if b is None else b
+    return pa.concat_tables([a, _missing(b, a)], promote_options="default")
+
+
+def base_uncertainty(scorer: PoolScorer, table: pa.Table, cache: Optional[Path] = None,
+                     shared: Optional[Path] = None) -> pa.Table:
+    """Base-model scores for every row of `table`, in its order: the frozen base never changes, so a row
+    is scored once and cached.
+
+    `cache` is the run's own file (base_uncertainty.parquet). `shared` is a file several runs share
+    (`deft compare`): the base model's output for a row depends only on its prompt, so rows any run has
+    scored are copied, not re-scored. Both are rewritten atomically; a lost race on `shared` only means a
+    row is scored again later.
     """
     ids = table.column("example_id").to_pylist()
-    cached = read_parquet(cache) if cache is not None and Path(cache).is_file() else None
-    if cached is not None:
-        known = set(cached.column("example_id").to_pylist())
-        todo = table.filter(pc.invert(pc.is_in(table.column("example_id"), value_set=pa.array(sorted(known), pa.string()))))
-    else:
-        todo = table
-    if todo.num_rows:
-        fresh = scorer.score(todo, "base")
-        cached = fresh if cached is None else pa.concat_tables([cached, fresh], promote_options="default")
-        if cache is not None:
-            write_parquet(cache, cached)
-    keep = cached.filter(pc.is_in(cached.column("example_id"), value_set=pa.array(ids, pa.string())))
+    own, common = _known(cache), _known(shared)
+    known = _union(own, common)
+    todo = _missing(table, known)
+    fresh = scorer.score(todo, "base") if todo.num_rows else None
+    known = _union(known, fresh)
+    keep = known.filter(pc.is_in(known.column("example_id"), value_set=pa.array(ids, pa.string())))
     check_exactly_once(ids, keep)
+    if cache is not None and (own is None or own.num_rows < keep.num_rows):
+        write_parquet(cache, _union(own, keep))
+    if shared is not None and fresh is not None:
+        write_parquet(shared, _union(_known(shared), fresh))
     return in_order(keep, ids)

@@ -1,9 +1,15 @@
 """Selection strategies: each maps per-example scorer outputs to one acquisition score (higher = pick first).
 
-Like baal's heuristics, a strategy is tiny and sees numbers only: `acquisition(u_base, u_lora, round)`,
-where u_base / u_lora are the chosen uncertainty measure of the frozen base model and of the current
-adapter (MC-averaged), aligned with the pool's example_ids. `select` takes the top b, breaking ties by a
-seeded random key, so a run is reproducible.
+Like baal's heuristics, a strategy is tiny and sees numbers only: `acquisition(scores, rng)`, where
+`scores.u_base` / `scores.u_lora` hold the strategy's own measure for the frozen base model and for the
+current adapter (MC-averaged), aligned with the unlabelled pool's example_ids. `select` takes the top b,
+breaking ties by a seeded random key, so a run is reproducible.
+
+Which measure a strategy ranks by:
+  entropy, pe, least_confidence, margin, bald   that measure of the adapter, each from its own column
+  star, subtract                                al.measure (auto: entropy, or pe for generation tasks),
+                                                of both the base model and the adapter
+  random                                        none: nothing is scored
 """
 from __future__ import annotations
 
@@ -13,7 +19,19 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
+from pipeline.config import MEASURE_STRATEGIES, STRATEGY_NAMES
 from pipeline.uncertainty import LambdaSchedule, dynamic_score, minmax_normalize
+
+
+@dataclass(frozen=True)
+class RoundScores:
+    """What a strategy may look at in one round: n unlabelled rows, their u_base / u_lora (None when the
+    strategy does not use them) and the index of the adapter that produced u_lora (round k uses k - 1)."""
+
+    n: int
+    u_base: Optional[np.ndarray] = None
+    u_lora: Optional[np.ndarray] = None
+    adapter: int = 0
 
 
 @dataclass
@@ -21,9 +39,14 @@ class Strategy:
     name: ClassVar[str] = ""
     uses_base: ClassVar[bool] = False
     uses_lora: ClassVar[bool] = True
+    measure: Optional[str] = None  # the scorer column ranked by (None: random)
 
-    def acquisition(self, u_base: Optional[np.ndarray], u_lora: Optional[np.ndarray], round: int, rng: np.random.Generator) -> np.ndarray:
+    def acquisition(self, scores: RoundScores, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
+
+    def weight(self, adapter: int) -> Optional[float]:
+        """λ, the weight of u_lora, when the strategy mixes; None otherwise."""
+        return None
 
 
 @dataclass
@@ -31,32 +54,35 @@ class Random(Strategy):
     name: ClassVar[str] = "random"
     uses_lora: ClassVar[bool] = False
 
-    def acquisition(self, u_base, u_lora, round, rng):
-        n = len(u_base) if u_base is not None else len(u_lora)
-        return rng.random(n)
+    def acquisition(self, scores, rng):
+        return rng.random(scores.n)
 
 
 @dataclass
 class Uncertainty(Strategy):
-    """Rank by the adapter's own uncertainty: entropy (ME), pe, least_confidence, margin or bald."""
+    """Rank by the adapter's own uncertainty in one measure column (entropy, pe, least_confidence, ...)."""
 
     name: ClassVar[str] = "uncertainty"
 
-    def acquisition(self, u_base, u_lora, round, rng):
-        return np.asarray(u_lora, dtype=np.float64)
+    def acquisition(self, scores, rng):
+        return np.asarray(scores.u_lora, dtype=np.float64)
 
 
 @dataclass
 class Star(Strategy):
-    """STAR's dynamic mix: λ_k · norm(u_lora) + (1 − λ_k) · norm(u_base)."""
+    """STAR's dynamic mix: λ · norm(u_lora) + (1 − λ) · norm(u_base), λ indexed by the adapter that scored
+    (adapter i gives λ = min(1, 0.1·(i + 1)), as in the reference code: round 1 selects with λ = 0.1)."""
 
     name: ClassVar[str] = "star"
     uses_base: ClassVar[bool] = True
     schedule: LambdaSchedule = field(default_factory=LambdaSchedule)
 
-    def acquisition(self, u_base, u_lora, round, rng):
-        lam = self.schedule(round)
-        return dynamic_score(torch.as_tensor(u_lora), torch.as_tensor(u_base), lam).numpy()
+    def weight(self, adapter):
+        return self.schedule(adapter)
+
+    def acquisition(self, scores, rng):
+        lam = self.weight(scores.adapter)
+        return dynamic_score(torch.as_tensor(scores.u_lora), torch.as_tensor(scores.u_base), lam).numpy()
 
 
 @dataclass
@@ -66,11 +92,10 @@ class Subtract(Strategy):
     name: ClassVar[str] = "subtract"
     uses_base: ClassVar[bool] = True
 
-    def acquisition(self, u_base, u_lora, round, rng):
-        return (minmax_normalize(torch.as_tensor(u_lora)) - minmax_normalize(torch.as_tensor(u_base))).numpy()
+    def acquisition(self, scores, rng):
+        return (minmax_normalize(torch.as_tensor(scores.u_lora)) - minmax_normalize(torch.as_tensor(scores.u_base))).numpy()
 
 
-MEASURE_STRATEGIES = ("entropy", "pe", "least_confidence", "margin", "bald")
 # Which scorer column holds each measure, per task kind. Verbalizer "pe" is the NLL of the model's own
 # (argmax) label; margin and BALD need a class distribution, so generation tasks do not have them.
 MEASURE_COLUMNS = {
@@ -88,19 +113,26 @@ def measure_column(task_kind: str, measure: str) -> str:
     if measure not in columns:
         raise ValueError(f"measure {measure!r} is not available for a {task_kind} task; choose one of {sorted(columns)}")
     return columns[measure]
-STRATEGIES = ("random", "star", "subtract") + MEASURE_STRATEGIES
 
 
-def get_strategy(name: str, schedule: Optional[LambdaSchedule] = None) -> Strategy:
+def strategy_measure(strategy: str, measure: str) -> str:
+    """The measure a strategy ranks by: its own name for a measure strategy, else al.measure."""
+    return strategy if strategy in MEASURE_STRATEGIES else measure
+
+
+def get_strategy(name: str, task_kind: str = "verbalizer", measure: str = "auto",
+                 schedule: Optional[LambdaSchedule] = None) -> Strategy:
+    """The strategy `name`, ranking by the column its measure has for `task_kind`."""
+    if name not in STRATEGY_NAMES:
+        raise ValueError(f"strategy should be one of {list(STRATEGY_NAMES)}, got {name!r}")
     if name == "random":
         return Random()
+    column = measure_column(task_kind, strategy_measure(name, measure))
     if name == "star":
-        return Star(schedule or LambdaSchedule())
+        return Star(column, schedule or LambdaSchedule())
     if name == "subtract":
-        return Subtract()
-    if name in MEASURE_STRATEGIES:
-        return Uncertainty()
-    raise ValueError(f"strategy should be one of {list(STRATEGIES)}, got {name!r}")
+        return Subtract(column)
+    return Uncertainty(column)
 
 
 def select(example_ids: list[str], acquisition: np.ndarray, b: int, rng: np.random.Generator) -> list[str]:

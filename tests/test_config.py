@@ -47,3 +47,50 @@ def test_missing_and_invalid_files(tmp_path):
     bad.write_text("- a list\n- not a mapping\n")
     with pytest.raises(ConfigError, match="top level should be a mapping"):
         load_config(bad)
+
+
+def test_custom_task_answer_field_cannot_be_an_input():
+    with pytest.raises(ConfigError, match="task.answer_field 'answer' is also in task.input_fields"):
+        load_config(None, ["task.name=custom", "task.labels=[a, b]", "task.input_fields=[question, answer]",
+                           "task.prompt_template={question} {answer}"])
+
+
+def test_train_preset_paper_and_explicit_keys_over_it():
+    cfg = load_config(None, ["train.preset=paper"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.train.min_steps) == (3, 1.5e-4, 8, 0)
+    cfg = load_config(None, ["train.preset=paper", "train.lr=0.001"])
+    assert cfg.train.lr == 0.001 and cfg.train.epochs == 3
+    with pytest.raises(ConfigError, match="train.preset should be one of"):
+        load_config(None, ["train.preset=huge"])
+
+
+def test_min_steps_is_a_floor_on_optimizer_steps():
+    from pipeline.config import TrainConfig
+
+    t = TrainConfig(epochs=2, min_steps=30, batch_size=8)
+    assert t.epochs_for(32) == 8  # 4 steps an epoch: 8 epochs reach 32 >= 30 steps
+    assert t.epochs_for(320) == 2  # 40 steps an epoch: the epoch count already passes the floor
+    assert TrainConfig(epochs=3).epochs_for(5) == 3
+
+
+def test_training_never_switches_on_attention_dropout():
+    from actors.trainer import training_model_config
+
+    assert training_model_config({"name": "x", "attention_dropout": 0.1}).attention_dropout == 0.0
+
+
+def test_train_num_workers_reaches_the_resource_plan():
+    from cluster.plan import plan_resources
+
+    assert plan_resources({"CPU": 4}, 2, 0.25, train_workers=1).train_workers == 1
+    assert plan_resources({"CPU": 4}, 2, 0.25, train_workers=3).train_workers == 3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["seed=-1"], "seed should be >= 0, got -1"),
+    (["data.demo_size=0"], "data.demo_size should be >= 1, got 0"),
+    (["train.min_steps=-1"], "train.min_steps should be >= 0"),
+])
+def test_more_bad_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

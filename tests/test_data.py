@@ -115,3 +115,37 @@ def test_obqa_train_has_duplicate_rows_that_skip_removes():
     with pytest.raises(DataError, match="5 bad row"):
         load_pool(str(SHARED / "obqa" / "train.jsonl"), obqa())
     assert len(load_pool(str(SHARED / "obqa" / "train.jsonl"), obqa(), on_bad_row="skip")) == 4952
+
+
+def test_example_id_depends_on_the_input_fields_only(tmp_path):
+    # Ids are seen by scorers and seed the dropout masks: one that hashed the answer would leak the label.
+    a = load_pool(str(write_jsonl(tmp_path / "a.jsonl", [row(1, "true")])), boolq())
+    b = load_pool(str(write_jsonl(tmp_path / "b.jsonl", [row(1, "false")])), boolq())
+    c = load_pool(str(write_jsonl(tmp_path / "c.jsonl", [{**row(1), "note": "extra column"}])), boolq())
+    assert a.example_ids == b.example_ids == c.example_ids
+
+
+def test_the_same_question_with_two_answers_is_a_duplicate(tmp_path):
+    with pytest.raises(DataError, match="duplicate example_id"):
+        load_pool(str(write_jsonl(tmp_path / "p.jsonl", [row(1, "true"), row(1, "false")])), boolq())
+
+
+def test_demo_pool_and_test_split_share_no_question():
+    from pipeline.demo import demo_rows
+
+    pool = {r["question"] for r in demo_rows(2000, seed=0)}
+    test = {r["question"] for r in demo_rows(1000, seed=0, split="test")}
+    assert len(pool) == 2000 and len(test) == 1000 and not pool & test
+    answers = [r["answer"].split()[-1] for r in demo_rows(1000, split="test")]
+    assert answers.count("true") == 500  # balanced
+
+
+def test_data_limit_cuts_the_pool_not_the_test_split():
+    from pipeline.config import DataConfig
+    from pipeline.data import eval_split_from_config, pool_from_config
+    from pipeline.tasks import demo
+
+    data = DataConfig(path="demo", test_path="demo", demo_size=50, limit=10)
+    assert len(pool_from_config(data, demo(), 0, require_label=True)) == 10
+    assert len(eval_split_from_config(data, demo(), 0, eval_limit=None)) == 50
+    assert len(eval_split_from_config(data, demo(), 0, eval_limit=7)) == 7

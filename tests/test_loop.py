@@ -58,7 +58,7 @@ def test_full_two_round_loop_with_ray_train(tiny_model_dir, tmp_path, ray_local)
     assert rd.read_state().phase == "done"
     assert [m["round"] for m in metrics] == [0, 1] and [m["labels"] for m in metrics] == [6, 11]
     assert all(0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["ece"] <= 1.0 for m in metrics)
-    assert metrics[1]["lambda"] == pytest.approx(0.2)
+    assert metrics[0]["lambda"] is None and metrics[1]["lambda"] == pytest.approx(0.1)  # adapter 0 selects round 1
     for name in ("config.yaml", "state.json", "labeled.parquet", "base_uncertainty.parquet", "metrics.jsonl", "base_eval.json"):
         assert (rd.path / name).is_file(), name
     for k in (0, 1):
@@ -68,7 +68,8 @@ def test_full_two_round_loop_with_ray_train(tiny_model_dir, tmp_path, ray_local)
     assert labeled.column_names == ["example_id", "label", "round_added", "source"]
     assert labeled.column("round_added").to_pylist().count(1) == 5 and set(labeled.column("source").to_pylist()) == {"oracle"}
     scores1 = read_parquet(rd.scores_file(1))
-    assert scores1.column_names == ["example_id", "u_lora", "u_base", "score"]
+    assert scores1.column_names == ["example_id", "u_lora", "u_base", "score", "lora_bald", "lora_entropy",
+                                    "lora_least_confidence", "lora_margin", "lora_pe"]
     assert scores1.num_rows == 40 - 6  # round 1 scores the unlabelled pool only
     assert deft(["report", str(rd.path)]) == 0
     assert rd.report_file.is_file() and rd.curve_file.stat().st_size > 0

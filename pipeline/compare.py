@@ -1,0 +1,345 @@
+"""`deft compare`: strategies side by side over seeds, and how many labels each saves against random.
+
+    deft compare configs/quickstart.yaml --strategies random,entropy,bald,star --seeds 0,1,2 --out runs/cmp
+
+    from pipeline.compare import compare
+    summary = compare(cfg, ["random", "star"], [0, 1, 2], "runs/cmp")
+
+Every (strategy, seed) is a normal run directory, DIR/<strategy>-seed<seed>, so each one resumes on its
+own and running the same command again resumes the comparison: finished runs are read, unfinished ones
+continue. Runs share what does not depend on them: the scoring actors (their model stays loaded; the
+seed travels with each call) and the frozen base model's scores (DIR/base_scores.parquet).
+
+Lanes: on a cluster with several GPUs, `parallel` runs go at once, each on its own scorers and its own
+1-GPU resource plan; on a laptop or a single GPU, runs go one after another.
+
+Label saving: random's final mean accuracy is the target; a strategy's saving is the number of labels
+its mean curve needs to reach that target (linear between evaluated rounds) as a % of the labels
+random's own mean curve needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from pipeline.config import Config, ConfigError, check_strategy, from_dict, to_dict
+from pipeline.io import write_json, write_text
+from pipeline.report import aulc, curve_points
+from pipeline.run_dir import PHASES, RunDir
+
+log = logging.getLogger(__name__)
+PHASE_TIMES = [f"{p}_s" for p in PHASES[:-1]]
+
+
+def run_config(cfg: Config, strategy: str, seed: int) -> Config:
+    """The base config with one strategy and seed, validated like any config."""
+    data = to_dict(cfg)
+    data["al"]["strategy"], data["seed"] = strategy, seed
+    if strategy not in ("star", "subtract"):
+        data["al"]["measure"] = "auto"  # al.measure only chooses what star/subtract mix
+    return from_dict(Config, data)
+
+
+def run_dir_name(strategy: str, seed: int) -> str:
+    return f"{strategy}-seed{seed}"
+
+
+def _check_plan(cfg: Config, strategies: list[str], seeds: list[int]) -> dict[tuple[str, int], Config]:
+    if not strategies:
+        raise ConfigError("compare: --strategies should name at least one strategy")
+    if not seeds:
+        raise ConfigError("compare: --seeds should name at least one seed")
+    if len(set(strategies)) != len(strategies) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"compare: strategies and seeds should be distinct, got {strategies} and {seeds}")
+    configs = {}
+    for s in strategies:
+        for seed in seeds:
+            configs[(s, seed)] = run_config(cfg, s, seed)
+            check_strategy(configs[(s, seed)].al, cfg.task.task_kind, cfg.scoring.mc_passes)
+    return configs
+
+
+def _check_existing(out: Path, configs: dict[tuple[str, int], Config]) -> None:
+    """A run directory already under `out` must hold the run this comparison would start."""
+    for (s, seed), cfg in configs.items():
+        rd = RunDir(out / run_dir_name(s, seed))
+        if rd.config_file.is_file() and to_dict(rd.read_config()) != to_dict(cfg):
+            raise ConfigError(f"{rd.path} holds a run of another config; compare into a new --out, "
+                              f"or use the config that run was started with ({rd.config_file})")
+
+
+def compare(
+    cfg: Config,
+    strategies: list[str],
+    seeds: list[int],
+    out: str | Path,
+    parallel: Optional[int] = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """Run (or resume) every strategy x seed under `out`, write compare.md / compare.png / compare.json,
+    and return the summary (also the last line `deft compare` prints)."""
+    from pipeline.loop import ActiveLearningRun
+
+    out = Path(out)
+    configs = _check_plan(cfg, strategies, seeds)
+    _check_existing(out, configs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "compare.yaml", yaml.safe_dump(
+        {"strategies": strategies, "seeds": seeds, "config": to_dict(cfg)}, sort_keys=False))
+    t0 = time.perf_counter()
+    todo = []
+    for key, run_cfg in configs.items():
+        if _done(out / run_dir_name(*key)):
+            echo(f"[compare] {run_dir_name(*key)}: already done")
+        else:
+            todo.append((key, run_cfg))
+    lanes = _lanes(cfg, parallel, len(todo))
+    queue = list(todo)
+    lock = threading.Lock()
+
+    def lane(index: int) -> None:
+        scorer = None
+        try:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    (strategy, seed), run_cfg = queue.pop(0)
+                if scorer is None:
+                    scorer = _scorer(run_cfg, lanes)
+                name = run_dir_name(strategy, seed)
+                echo(f"[compare] {name}: {'resuming' if RunDir(out / name).exists() else 'starting'}")
+                run = ActiveLearningRun(run_cfg, out / name, scorer=scorer, base_cache=out / "base_scores.parquet")
+                t = time.perf_counter()
+                run.resume() if run.run_dir.exists() else run.run()
+                echo(f"[compare] {name}: done in {time.perf_counter() - t:.0f}s; {_last(run.run_dir)}")
+        finally:
+            if scorer is not None:
+                scorer.shutdown()
+
+    if lanes == 1:
+        lane(0)
+    else:
+        with ThreadPoolExecutor(lanes) as pool:
+            for f in [pool.submit(lane, i) for i in range(lanes)]:
+                f.result()
+    summary = summarize(out, strategies, seeds)
+    summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    write_json(out / "compare.json", summary)
+    write_text(out / "compare.md", render_markdown(summary))
+    plot_comparison(summary, out / "compare.png")
+    return summary
+
+
+def _done(path: Path) -> bool:
+    rd = RunDir(path)
+    return rd.exists() and rd.read_state().phase == "done"
+
+
+def _last(rd: RunDir) -> str:
+    m = rd.read_metrics()
+    if not m or m[-1].get("accuracy") is None:
+        return "no evaluation"
+    return f"{m[-1]['labels']} labels, accuracy {m[-1]['accuracy']:.3f}"
+
+
+def _lanes(cfg: Config, parallel: Optional[int], runs: int) -> int:
+    if parallel is not None:
+        if parallel < 1:
+            raise ConfigError(f"compare: --parallel should be >= 1, got {parallel}")
+        return max(1, min(parallel, runs))
+    if runs <= 1:
+        return 1
+    from cluster.runtime import connect
+
+    ray = connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.temp_dir)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return max(1, min(gpus, runs)) if gpus >= 2 else 1  # one lane per GPU; CPU and 1 GPU: one after another
+
+
+def _scorer(cfg: Config, lanes: int):
+    """Scoring actors for one lane. With several lanes each gets an even slice of the cluster."""
+    from actors.model import resolve_model_path
+    from cluster.plan import plan_resources
+    from cluster.runtime import connect
+    from pipeline.scoring import PoolScorer
+
+    ray = connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.temp_dir)
+    plan = None
+    if lanes > 1:
+        share = {k: v / lanes for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        plan = plan_resources(share, cfg.scoring.num_actors, cfg.cluster.scorer_cpus, cfg.train.num_workers)
+    return PoolScorer(cfg, resolve_model_path(cfg.model), plan=plan)
+
+
+# ---- the summary -------------------------------------------------------------------------------------
+def _mean_sd(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "sd": None, "n": 0}
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values)}
+
+
+def _run_curve(rd: RunDir) -> dict[int, dict]:
+    """labels -> {accuracy, ece} for every evaluated point of one run (the base model at 0 labels)."""
+    points = {}
+    base = rd.path / "base_eval.json"
+    if base.is_file():
+        b = json.loads(base.read_text())
+        points[0] = {"accuracy": b["accuracy"], "ece": b["ece"]}
+    for m in rd.read_metrics():
+        if m.get("accuracy") is not None:
+            points[m["labels"]] = {"accuracy": m["accuracy"], "ece": m["ece"]}
+    return points
+
+
+def labels_to_reach(curve: list[tuple[int, float]], target: float) -> Optional[float]:
+    """The first label count at which a (labels, accuracy) curve reaches `target`, linear between points."""
+    for i, (x, y) in enumerate(curve):
+        if y >= target:
+            if i == 0:
+                return float(x)
+            x0, y0 = curve[i - 1]
+            return x0 + (x - x0) * (target - y0) / (y - y0)
+    return None
+
+
+def summarize(out: Path, strategies: list[str], seeds: list[int]) -> dict:
+    curves, aulcs, phases = {}, {}, {}
+    for s in strategies:
+        runs = [RunDir(out / run_dir_name(s, seed)) for seed in seeds]
+        per_run = [_run_curve(rd) for rd in runs]
+        labels = sorted(set().union(*per_run)) if per_run else []
+        curves[s] = [{"labels": x, "accuracy": _mean_sd([r[x]["accuracy"] for r in per_run if x in r]),
+                      "ece": _mean_sd([r[x]["ece"] for r in per_run if x in r])} for x in labels]
+        aulcs[s] = _mean_sd([aulc(curve_points(rd)) for rd in runs])
+        phases[s] = {p: _mean_sd([sum(m.get("timings", {}).get(p) or 0.0 for m in rd.read_metrics()) for rd in runs])["mean"]
+                     for p in PHASE_TIMES}
+    summary = {"strategies": strategies, "seeds": seeds, "curves": curves, "aulc": aulcs, "phase_s": phases}
+    summary.update(_label_saving(curves))
+    return summary
+
+
+def _label_saving(curves: dict[str, list[dict]]) -> dict:
+    """Labels each strategy's mean curve needs to reach random's final mean accuracy, and as % of random's."""
+    if "random" not in curves or not curves["random"]:
+        return {"target_accuracy": None, "label_saving": {}}
+    target = curves["random"][-1]["accuracy"]["mean"]
+    mean_curve = {s: [(p["labels"], p["accuracy"]["mean"]) for p in c] for s, c in curves.items()}
+    random_needs = labels_to_reach(mean_curve["random"], target)
+    saving = {}
+    for s, curve in mean_curve.items():
+        needs = labels_to_reach(curve, target)
+        pct = 100.0 * needs / random_needs if needs is not None and random_needs else None
+        saving[s] = {"labels": needs, "pct_of_random": pct, "saving_pct": None if pct is None else 100.0 - pct}
+    return {"target_accuracy": target, "label_saving": saving}
+
+
+def _pm(stat: dict, spec: str = ".3f") -> str:
+    if stat.get("mean") is None:
+        return "—"
+    return f"{stat['mean']:{spec}} ± {stat['sd']:{spec}}"
+
+
+def _pct(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.0f}%"  # None: random's own curve starts at the target
+
+
+def render_markdown(summary: dict) -> str:
+    strategies, seeds = summary["strategies"], summary["seeds"]
+    labels = sorted({p["labels"] for s in strategies for p in summary["curves"][s]})
+    by = {s: {p["labels"]: p for p in summary["curves"][s]} for s in strategies}
+    head = "| labels | " + " | ".join(strategies) + " |\n|---:|" + "---:|" * len(strategies)
+
+    def table(metric: str) -> list[str]:
+        rows = [head]
+        for x in labels:
+            cells = [_pm(by[s][x][metric]) if x in by[s] else "—" for s in strategies]
+            rows.append(f"| {x} | " + " | ".join(cells) + " |")
+        return rows
+
+    lines = [f"# deft compare: {', '.join(strategies)} over seeds {', '.join(map(str, seeds))}", "",
+             "Mean ± sd over seeds (0 labels: the base model).", "", "## Accuracy", "", *table("accuracy"),
+             "", "## ECE", "", *table("ece"), "", "## Area under the learning curve", "",
+             "| strategy | AULC |", "|---|---:|"]
+    lines += [f"| {s} | {_pm(summary['aulc'][s])} |" for s in strategies]
+    lines += ["", "## Label saving", ""]
+    if summary["target_accuracy"] is None:
+        lines.append("Needs `random` among the strategies: the saving is measured against it.")
+    else:
+        lines += [f"Labels each mean curve needs to reach random's final mean accuracy "
+                  f"({summary['target_accuracy']:.3f}), as a % of what random's own curve needs.", "",
+                  "| strategy | labels | % of random | saving |", "|---|---:|---:|---:|"]
+        for s in strategies:
+            ls = summary["label_saving"][s]
+            if ls["labels"] is None:
+                lines.append(f"| {s} | not reached | — | — |")
+            else:
+                lines.append(f"| {s} | {ls['labels']:.1f} | {_pct(ls['pct_of_random'])} | {_pct(ls['saving_pct'])} |")
+    lines += ["", "## Wall time per phase (seconds per run, mean over seeds)", "",
+              "| strategy | " + " | ".join(p[:-2] for p in PHASE_TIMES) + " | total |",
+              "|---|" + "---:|" * (len(PHASE_TIMES) + 1)]
+    for s in strategies:
+        t = summary["phase_s"][s]
+        lines.append(f"| {s} | " + " | ".join(f"{t[p] or 0:.1f}" for p in PHASE_TIMES) + f" | {sum(v or 0 for v in t.values()):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
+    """The console view: mean accuracy per label count and strategy, AULC, label saving."""
+    strategies = summary["strategies"]
+    labels = sorted({p["labels"] for s in strategies for p in summary["curves"][s]})
+    by = {s: {p["labels"]: p["accuracy"] for p in summary["curves"][s]} for s in strategies}
+    width = max(15, *(len(s) + 2 for s in strategies))
+    echo("accuracy, mean ± sd over seeds " + ", ".join(map(str, summary["seeds"])))
+    echo(f"{'labels':>6} " + "".join(f"{s:>{width}}" for s in strategies))
+    for x in labels:
+        echo(f"{x:>6} " + "".join(f"{_pm(by[s][x]) if x in by[s] else '—':>{width}}" for s in strategies))
+    echo(f"{'AULC':>6} " + "".join(f"{_pm(summary['aulc'][s]):>{width}}" for s in strategies))
+    if summary["target_accuracy"] is not None:
+        echo(f"label saving (labels to reach random's final accuracy {summary['target_accuracy']:.3f}):")
+        for s in strategies:
+            ls = summary["label_saving"][s]
+            echo(f"  {s}: " + ("not reached" if ls["labels"] is None else
+                              f"{ls['labels']:.1f} labels = {_pct(ls['pct_of_random'])} of random's ({_pct(ls['saving_pct'])} saved)"))
+
+
+def plot_comparison(summary: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    for s in summary["strategies"]:
+        pts = [p for p in summary["curves"][s] if p["accuracy"]["mean"] is not None]
+        if not pts:
+            continue
+        x = [p["labels"] for p in pts]
+        y = [p["accuracy"]["mean"] for p in pts]
+        sd = [p["accuracy"]["sd"] for p in pts]
+        line, = ax.plot(x, y, marker="o", label=f"{s} (AULC {_pm(summary['aulc'][s])})")
+        ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)], color=line.get_color(), alpha=0.2)
+    if summary["target_accuracy"] is not None:
+        ax.axhline(summary["target_accuracy"], color="grey", linestyle="--", linewidth=1, label="random's final accuracy")
+    ax.set_xlabel("labelled examples")
+    ax.set_ylabel("test accuracy (mean ± sd over seeds)")
+    ax.set_title(f"{len(summary['seeds'])} seed(s)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

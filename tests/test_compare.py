@@ -1,0 +1,110 @@
+"""`deft compare` on the tiny model: run dirs per (strategy, seed), the summary's numbers recomputed from
+those run dirs, label saving by hand, and a second call that resumes instead of starting over."""
+import json
+
+import pytest
+import yaml
+
+from pipeline.cli import main as deft
+from pipeline.compare import labels_to_reach, summarize, _label_saving
+from pipeline.config import to_dict
+from pipeline.loop import ActiveLearningRun
+from pipeline.report import aulc, curve_points
+from pipeline.run_dir import RunDir
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def test_labels_to_reach_interpolates_between_rounds():
+    curve = [(0, 0.5), (10, 0.6), (20, 0.8), (30, 0.9)]
+    assert labels_to_reach(curve, 0.7) == pytest.approx(15.0)
+    assert labels_to_reach(curve, 0.5) == 0.0
+    assert labels_to_reach(curve, 0.95) is None
+
+
+def test_label_saving_by_hand():
+    def curve(*accs):
+        return [{"labels": x, "accuracy": {"mean": a, "sd": 0.0}} for x, a in zip((0, 10, 20, 30), accs)]
+
+    out = _label_saving({"random": curve(0.5, 0.6, 0.7, 0.8), "star": curve(0.5, 0.7, 0.8, 0.85)})
+    assert out["target_accuracy"] == 0.8
+    assert out["label_saving"]["random"]["labels"] == pytest.approx(30.0)
+    assert out["label_saving"]["star"]["labels"] == pytest.approx(20.0)
+    assert out["label_saving"]["star"]["pct_of_random"] == pytest.approx(100 * 20 / 30)
+
+
+def config_file(model_dir, path):
+    cfg = tiny_config(model_dir, data={"path": "demo", "test_path": "demo", "demo_size": 40},
+                      al={"initial_size": 6, "batch_size": 5, "rounds": 2, "eval_limit": 12, "ece_bins": 10},
+                      train={"epochs": 2, "lr": 3e-3, "batch_size": 4, "backend": "local"})
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path, cfg
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_compare_runs_every_strategy_and_seed_and_resumes(tiny_model_dir, ray_local, tmp_path, capsys):
+    path, cfg = config_file(tiny_model_dir, tmp_path / "tiny.yaml")
+    out = tmp_path / "cmp"
+    # One run is already half done (killed in round 1's training): compare must resume it, not restart it.
+    from pipeline.compare import run_config
+
+    def kill(k, phase, when):
+        if (k, phase, when) == (1, "training", "before"):
+            raise Killed()
+
+    with pytest.raises(Killed):
+        ActiveLearningRun(run_config(cfg, "star", 1), out / "star-seed1", hook=kill).run()
+    first_round = RunDir(out / "star-seed1").read_labeled().to_pylist()
+
+    argv = ["compare", str(path), "--strategies", "random,bald,star", "--seeds", "0,1", "--out", str(out)]
+    assert deft(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert "[compare] star-seed1: resuming" in lines
+    assert set(summary["aulc"]) == set(summary["curves"]) == set(summary["label_saving"]) == {"random", "bald", "star"}
+    for s in ("random", "bald", "star"):
+        runs = [RunDir(out / f"{s}-seed{seed}") for seed in (0, 1)]
+        assert all(r.read_state().phase == "done" and r.read_config().al.strategy == s for r in runs)
+        assert [r.read_config().seed for r in runs] == [0, 1]
+        areas = [aulc(curve_points(r)) for r in runs]
+        assert summary["aulc"][s]["mean"] == pytest.approx(sum(areas) / 2)
+        assert [p["labels"] for p in summary["curves"][s]] == [0, 6, 11]
+        final = [r.read_metrics()[-1]["accuracy"] for r in runs]
+        assert summary["curves"][s][-1]["accuracy"]["mean"] == pytest.approx(sum(final) / 2)
+    assert summary["target_accuracy"] == summary["curves"]["random"][-1]["accuracy"]["mean"]
+    assert len(first_round) == 11  # killed after round 1's labels, before its training
+    assert RunDir(out / "star-seed1").read_labeled().to_pylist() == first_round  # resumed: the same labels, none added
+    # Runs differ by seed: the cold-start batches of seed 0 and seed 1 are not the same rows.
+    labeled = [set(RunDir(out / f"random-seed{seed}").read_labeled().column("example_id").to_pylist()) for seed in (0, 1)]
+    assert labeled[0] != labeled[1]
+    for name in ("compare.md", "compare.png", "compare.json", "base_scores.parquet"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    md = (out / "compare.md").read_text()
+    assert "## Label saving" in md and "| random |" in md and "± " in md
+
+    # Again: nothing is re-run, and the summary is the same.
+    assert deft(argv) == 0
+    again = capsys.readouterr().out.strip().splitlines()
+    assert sum("already done" in l for l in again) == 6
+    redo = json.loads(again[-1])
+    assert {k: v for k, v in redo.items() if k != "wall_s"} == {k: v for k, v in summary.items() if k != "wall_s"}
+    assert summarize(out, ["random", "bald", "star"], [0, 1])["aulc"] == summary["aulc"]
+
+
+def test_compare_refuses_a_run_of_another_config(tiny_model_dir, ray_local, tmp_path, capsys):
+    path, cfg = config_file(tiny_model_dir, tmp_path / "tiny.yaml")
+    out = tmp_path / "cmp"
+    (out / "random-seed0").mkdir(parents=True)
+    from pipeline.compare import run_config
+    from pipeline.run_dir import RunDir as R
+
+    other = run_config(cfg, "random", 0)
+    other.train.lr = 0.5
+    R(out / "random-seed0").write_config(other)
+    assert deft(["compare", str(path), "--strategies", "random", "--seeds", "0", "--out", str(out)]) == 2
+    assert "holds a run of another config" in capsys.readouterr().err
