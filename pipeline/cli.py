@@ -10,7 +10,7 @@
     deft compare CONFIG --strategies random,star --seeds 0,1,2 --out DIR
                                                            strategies side by side over seeds; label saving
     deft quickstart [--set ...]                            random vs STAR on the embedded model, offline
-    deft bench scoring|training [ARGS ...]                 throughput benchmarks (see benchmarks/)
+    deft bench scoring|training|recipe [ARGS ...]          benchmarks (see benchmarks/)
 
 On a cluster, `ray job submit --working-dir . -- deft run CONFIG` joins the job's cluster (RAY_ADDRESS).
 Exit codes: 0 done, 2 bad input (the message names the file, line or field), 3 waiting for human labels.
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write every score to this Parquet file")
     s.add_argument("--top", type=int, default=10)
     b = sub.add_parser("bench", help="run a throughput benchmark: scoring or training")
-    b.add_argument("name", choices=["scoring", "training"])
+    b.add_argument("name", choices=["scoring", "training", "recipe"])
     b.add_argument("args", nargs=argparse.REMAINDER)
     return p
 

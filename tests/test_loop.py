@@ -120,9 +120,9 @@ def test_scorers_never_see_labels(tiny_model_dir, scorer, tmp_path):
     class Spy:
         plan = scorer.plan
 
-        def score(self, table, mode):
+        def score(self, table, mode, **kw):
             seen.append(table.column_names)
-            return scorer.score(table, mode)
+            return scorer.score(table, mode, **kw)
 
         def set_adapter(self, state):
             return scorer.set_adapter(state)

@@ -40,7 +40,8 @@ def test_training_lowers_loss_and_the_adapter_round_trips_and_broadcasts(ray_loc
 
         result = _fit(cfg, tiny_model_dir, labeled, tmp_path / "adapter", ray_local, workers=1)
         losses = result.metrics["epoch_loss"]
-        assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])), losses
+        # Falls overall and never climbs back by more than noise (0.05 nats) from one epoch to the next.
+        assert len(losses) == 6 and all(b < a + 0.05 for a, b in zip(losses, losses[1:])), losses
         assert losses[0] - losses[-1] > 0.5, losses  # nats; the first epoch starts near ln(vocab)
         assert result.metrics["world_size"] == 1 and result.metrics["examples"] == 24
 
