@@ -144,7 +144,18 @@ def load_model(path: str, cfg: ModelConfig, device: Optional[torch.device] = Non
         use_safetensors=True,
         **kwargs,
     )
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
     return model.to(device).eval()
+
+
+def _contiguous_input(module, args):
+    # With logits_to_keep=1 the head gets a strided slice of the hidden states. Under a PEFT wrapper on
+    # CPU in bf16, F.linear then goes through bmm over a broadcast copy of the whole (vocab x hidden)
+    # weight per row: measured 5.3 s of a 7.5 s forward (16 rows, SmolLM2). A contiguous input keeps it
+    # one GEMM: 2.6 -> 12 rows/s in bf16, 6.6 -> 7.3 in fp32 (1 thread, Xeon with AMX).
+    return (args[0].contiguous(),) + tuple(args[1:])
 
 
 def attach_lora(model, cfg: LoraConfig, adapter_dtype_follows_base: bool = True):

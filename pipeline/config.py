@@ -279,6 +279,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         _require(isinstance(value, int) and not isinstance(value, bool), f"{where} should be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text; it is plainly a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} should be a number, got {value!r}")
         return float(value)
     if tp is str:

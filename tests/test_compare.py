@@ -108,3 +108,19 @@ def test_compare_refuses_a_run_of_another_config(tiny_model_dir, ray_local, tmp_
     R(out / "random-seed0").write_config(other)
     assert deft(["compare", str(path), "--strategies", "random", "--seeds", "0", "--out", str(out)]) == 2
     assert "holds a run of another config" in capsys.readouterr().err
+
+
+def test_quickstart_command_compares_random_and_star(tiny_model_dir, ray_local, tmp_path, capsys):
+    """`deft quickstart` (the Makefile's command) end to end, on the tiny model instead of SmolLM2."""
+    tiny = [f"model.name={tiny_model_dir}", "model.dtype=float32", "lora.r=4", "data.demo_size=40", "al.initial_size=6",
+            "al.batch_size=5", "al.rounds=2", "al.eval_limit=12", "al.ece_bins=10", "train.min_steps=4",
+            "scoring.batch_size=4", "cluster.num_cpus=2"]
+    argv = ["quickstart", "--out", str(tmp_path / "qs")] + [x for kv in tiny for x in ("--set", kv)]
+    assert deft(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert summary["strategies"] == ["random", "star"] and summary["seeds"] == [0]
+    assert any(l.startswith("label saving") for l in out) and any(l.strip().startswith("AULC") for l in out)
+    for s in ("random", "star"):
+        cfg = RunDir(tmp_path / "qs" / f"{s}-seed0").read_config()
+        assert cfg.task.name == "demo" and cfg.train.backend == "local" and cfg.al.strategy == s

@@ -94,3 +94,7 @@ def test_train_num_workers_reaches_the_resource_plan():
 def test_more_bad_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_exponent_without_a_dot_is_a_number():
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 0.001

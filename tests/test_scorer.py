@@ -140,3 +140,16 @@ def test_fast_dropout_keeps_the_expectation():
     assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.003)
     assert y.mean().item() == pytest.approx(1.0, abs=0.005)
     assert torch.equal(drop.eval()(x), x)
+
+
+def test_the_output_head_gets_a_contiguous_input(scorer, batch):
+    """A strided last-position slice sent PEFT's bf16 CPU head through a broadcast copy of the whole
+    vocabulary matrix per row (5x slower scoring); load_model makes the head's input contiguous."""
+    seen = []
+    head = scorer.model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    try:
+        scorer.score(batch, "eval")
+    finally:
+        handle.remove()
+    assert seen and all(seen)

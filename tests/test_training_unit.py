@@ -34,9 +34,11 @@ def test_long_prompts_are_cut_from_the_left(tok):
 
 def test_collate_and_answer_loss_by_hand():
     batch = collate([([5, 6, 7], [IGNORE, IGNORE, 7]), ([5, 8], [IGNORE, 8])], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 8, 0]]
-    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 7], [IGNORE, 8, IGNORE]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 5, 8]]  # left-padded, as the scorer pads
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 7], [IGNORE, IGNORE, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 1, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 1]]
+    assert batch["answer_span"] == 1
     logits = torch.zeros(2, 3, 10)  # uniform over 10 tokens: each answer token costs ln 10
     assert answer_loss(logits, batch["labels"]).item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
     logits[0, 1, 7] = 100.0  # row 0's answer predicted with certainty
@@ -107,3 +109,25 @@ def test_evaluate_verbalizer_and_generation():
     assert evaluate(gen, {"x": "72", "y": "10"}, gsm8k())["accuracy"] == 0.5
     with pytest.raises(ValueError, match="no gold label"):
         evaluate(gen, {"x": "72"}, gsm8k())
+
+
+def test_loss_over_the_answer_span_equals_the_full_right_padded_loss(tiny_model_dir, tok):
+    """Logits for the answer span only (left padding + logits_to_keep) give the loss of the plain
+    right-padded, full-logits computation: same rows, same answer tokens, same positions."""
+    from actors.trainer import batch_loss
+
+    model = attach_lora(load_model(tiny_model_dir, ModelConfig(name=tiny_model_dir, dtype="float32")), LoraConfig(r=4),
+                        adapter_dtype_follows_base=False)
+    examples = [encode_example(tok, p, t, 256, add_eos=True) for p, t in
+                [("Question: how many? Answer:", " 3 + 4 = 7 #### 7"), ("is 3 greater than 5?\nthe correct answer is", " false"),
+                 ("A B C D", " A")]]
+    batch = collate(examples, tok.pad_token_id)
+    assert batch["answer_span"] == max(sum(1 for t in y if t != IGNORE) for _, y in examples)
+    width = max(len(x) for x, _ in examples)
+    right = {"input_ids": torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x, _ in examples]),
+             "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in examples]),
+             "labels": torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in examples])}
+    with torch.no_grad():
+        full = answer_loss(model(input_ids=right["input_ids"], attention_mask=right["attention_mask"]).logits, right["labels"])
+        span = batch_loss(model, batch)
+    assert span.item() == pytest.approx(full.item(), rel=1e-5)
