@@ -92,6 +92,11 @@ def compare(
     out = Path(out)
     configs = _check_plan(cfg, strategies, seeds)
     _check_existing(out, configs)
+    if parallel is not None and parallel < 1:
+        raise ConfigError(f"compare: --parallel should be >= 1, got {parallel}")
+    if parallel is not None and parallel > 1 and cfg.train.backend == "local":
+        raise ConfigError("compare: --parallel > 1 needs train.backend=ray: in-process training runs in the "
+                          "driver, and concurrent runs there would share its random state")
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "compare.yaml", yaml.safe_dump(
         {"strategies": strategies, "seeds": seeds, "config": to_dict(cfg)}, sort_keys=False))
@@ -154,8 +159,6 @@ def _last(rd: RunDir) -> str:
 
 def _lanes(cfg: Config, parallel: Optional[int], runs: int) -> int:
     if parallel is not None:
-        if parallel < 1:
-            raise ConfigError(f"compare: --parallel should be >= 1, got {parallel}")
         return max(1, min(parallel, runs))
     if runs <= 1:
         return 1
@@ -163,7 +166,9 @@ def _lanes(cfg: Config, parallel: Optional[int], runs: int) -> int:
 
     ray = connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.temp_dir)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    return max(1, min(gpus, runs)) if gpus >= 2 else 1  # one lane per GPU; CPU and 1 GPU: one after another
+    if gpus < 2 or cfg.train.backend == "local":
+        return 1  # CPU, one GPU, or in-process training: one run after another
+    return max(1, min(gpus, runs))  # one lane per GPU
 
 
 def _scorer(cfg: Config, lanes: int):

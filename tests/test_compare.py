@@ -17,6 +17,14 @@ from conftest import tiny_config
 pytestmark = pytest.mark.integration
 
 
+def test_parallel_lanes_need_ray_train(tiny_model_dir, tmp_path, capsys):
+    path, _ = config_file(tiny_model_dir, tmp_path / "tiny.yaml")  # train.backend: local
+    argv = ["compare", str(path), "--strategies", "random,star", "--seeds", "0", "--out", str(tmp_path / "c"), "--parallel", "2"]
+    assert deft(argv) == 2
+    assert "--parallel > 1 needs train.backend=ray" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
 def test_labels_to_reach_interpolates_between_rounds():
     curve = [(0, 0.5), (10, 0.6), (20, 0.8), (30, 0.9)]
     assert labels_to_reach(curve, 0.7) == pytest.approx(15.0)
