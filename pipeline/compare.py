@@ -208,6 +208,14 @@ def _run_curve(rd: RunDir) -> dict[int, dict]:
     return points
 
 
+def _phase_seconds(rd: RunDir, phase: str) -> float:
+    """Seconds a run spent in one phase over all its rounds (rounds/k/timings.json, written as each phase
+    ends; metrics.jsonl is written inside the evaluating phase, so it cannot hold that phase's time)."""
+    rounds = rd.path / "rounds"
+    files = [d / "timings.json" for d in rounds.iterdir() if (d / "timings.json").is_file()] if rounds.is_dir() else []
+    return sum(json.loads(f.read_text()).get(phase) or 0.0 for f in files)
+
+
 def labels_to_reach(curve: list[tuple[int, float]], target: float) -> Optional[float]:
     """The first label count at which a (labels, accuracy) curve reaches `target`, linear between points."""
     for i, (x, y) in enumerate(curve):
@@ -228,8 +236,7 @@ def summarize(out: Path, strategies: list[str], seeds: list[int]) -> dict:
         curves[s] = [{"labels": x, "accuracy": _mean_sd([r[x]["accuracy"] for r in per_run if x in r]),
                       "ece": _mean_sd([r[x]["ece"] for r in per_run if x in r])} for x in labels]
         aulcs[s] = _mean_sd([aulc(curve_points(rd)) for rd in runs])
-        phases[s] = {p: _mean_sd([sum(m.get("timings", {}).get(p) or 0.0 for m in rd.read_metrics()) for rd in runs])["mean"]
-                     for p in PHASE_TIMES}
+        phases[s] = {p: _mean_sd([_phase_seconds(rd, p) for rd in runs])["mean"] for p in PHASE_TIMES}
     summary = {"strategies": strategies, "seeds": seeds, "curves": curves, "aulc": aulcs, "phase_s": phases}
     summary.update(_label_saving(curves))
     return summary

@@ -92,6 +92,7 @@ def test_compare_runs_every_strategy_and_seed_and_resumes(tiny_model_dir, ray_lo
     assert labeled[0] != labeled[1]
     for name in ("compare.md", "compare.png", "compare.json", "base_scores.parquet"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert all(summary["phase_s"][s]["evaluating_s"] > 0 and summary["phase_s"][s]["training_s"] > 0 for s in summary["phase_s"])
     md = (out / "compare.md").read_text()
     assert "## Label saving" in md and "| random |" in md and "± " in md
 
