@@ -1,5 +1,5 @@
 # deft: the README's two commands, each self-contained on a fresh machine.
-#   make quickstart   run the main job on the embedded default model, offline
+#   make quickstart   random vs STAR (deft compare) on the embedded default model, offline
 #   make test         run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
