@@ -33,7 +33,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, check_strategy, from_dict, to_dict
 from pipeline.io import write_json, write_text
-from pipeline.report import aulc, curve_points
+from pipeline.report import aulc, curve_points, evaluated_points, save_figure
 from pipeline.run_dir import PHASES, RunDir
 
 log = logging.getLogger(__name__)
@@ -197,15 +197,7 @@ def _mean_sd(values: list[float]) -> dict:
 
 def _run_curve(rd: RunDir) -> dict[int, dict]:
     """labels -> {accuracy, ece} for every evaluated point of one run (the base model at 0 labels)."""
-    points = {}
-    base = rd.path / "base_eval.json"
-    if base.is_file():
-        b = json.loads(base.read_text())
-        points[0] = {"accuracy": b["accuracy"], "ece": b["ece"]}
-    for m in rd.read_metrics():
-        if m.get("accuracy") is not None:
-            points[m["labels"]] = {"accuracy": m["accuracy"], "ece": m["ece"]}
-    return points
+    return {x: {"accuracy": acc, "ece": ece} for x, acc, ece in evaluated_points(rd)}
 
 
 def _phase_seconds(rd: RunDir, phase: str) -> float:
@@ -349,9 +341,4 @@ def plot_comparison(summary: dict, out: Path) -> Path:
     ax.set_title(f"{len(summary['seeds'])} seed(s)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, out)

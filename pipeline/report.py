@@ -10,14 +10,20 @@ from pipeline.io import write_text
 from pipeline.run_dir import RunDir
 
 
-def curve_points(run: RunDir) -> list[tuple[int, float]]:
-    """(labels, accuracy) per evaluated round, starting with the base model at 0 labels when evaluated."""
+def evaluated_points(run: RunDir) -> list[tuple[int, float, float]]:
+    """(labels, accuracy, ECE) per evaluated round, starting with the base model at 0 labels when evaluated."""
     points = []
     base = run.path / "base_eval.json"
     if base.is_file():
-        points.append((0, json.loads(base.read_text())["accuracy"]))
-    points += [(m["labels"], m["accuracy"]) for m in run.read_metrics() if m.get("accuracy") is not None]
+        b = json.loads(base.read_text())
+        points.append((0, b["accuracy"], b["ece"]))
+    points += [(m["labels"], m["accuracy"], m["ece"]) for m in run.read_metrics() if m.get("accuracy") is not None]
     return points
+
+
+def curve_points(run: RunDir) -> list[tuple[int, float]]:
+    """(labels, accuracy) per evaluated round, starting with the base model at 0 labels when evaluated."""
+    return [(x, acc) for x, acc, _ in evaluated_points(run)]
 
 
 def aulc(points: list[tuple[int, float]]) -> Optional[float]:
@@ -84,6 +90,13 @@ def plot_learning_curves(runs: list[RunDir], out: Path) -> Path:
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
