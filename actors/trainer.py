@@ -66,13 +66,56 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: flo
     )
 
 
-def batch_loss(model, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The answer loss of one collated batch, with logits for the answer span only: the output head
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 up to fp32 for a loss; fp64 (the finite-difference tests) stays fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def label_word_logits(logits: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits over the label words at the position that predicts each row's first answer token [B, C],
+    the index of each row's gold label word [B]): the distribution the scorer reads, with its target."""
+    first = (labels != IGNORE).int().argmax(-1)
+    if bool((first == 0).any()):
+        raise ValueError("an answer starts at the first kept position: keep one more logit position")
+    rows = torch.arange(labels.shape[0], device=labels.device)
+    z = at_least_fp32(logits[rows, first - 1][:, label_ids])
+    match = labels[rows, first].unsqueeze(-1) == label_ids.unsqueeze(0)
+    if not bool(match.any(-1).all()):
+        raise ValueError("a training target does not start with a label word's first token")
+    return z, match.int().argmax(-1)
+
+
+def verbalizer_loss(logits: torch.Tensor, labels: torch.Tensor, label_ids: torch.Tensor,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over the label words only (train.loss verbalizer)."""
+    z, target = label_word_logits(logits, labels, label_ids)
+    return F.cross_entropy(z, target, label_smoothing=label_smoothing)
+
+
+def forward_answer(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) over the answer span (+1 position) of one collated batch: the output head
     (49,152 x 576 for SmolLM2) over every prompt position was ~20% of a training step's FLOPs."""
     keep = batch["answer_span"] + 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    position_ids=batch["position_ids"], logits_to_keep=keep).logits
-    return answer_loss(logits, batch["labels"][:, -keep:], label_smoothing)
+    return logits, batch["labels"][:, -keep:]
+
+
+def batch_loss(model, batch: dict, label_smoothing: float = 0.0, label_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The answer loss of one collated batch: over the label words if `label_ids` is given, else the LM loss."""
+    logits, labels = forward_answer(model, batch)
+    if label_ids is not None:
+        return verbalizer_loss(logits, labels, label_ids.to(logits.device), label_smoothing)
+    return answer_loss(logits, labels, label_smoothing)
+
+
+def loss_label_ids(tokenizer, loop: "LoopConfig") -> Optional[torch.Tensor]:
+    """The label words' first tokens when training with the verbalizer loss, else None (LM loss)."""
+    if loop.loss != "verbalizer":
+        return None
+    from actors.scorer import verbalizer_token_ids
+
+    return torch.tensor(verbalizer_token_ids(tokenizer, loop.label_words))
 
 
 def rank_batches(n: int, global_batch: int, epoch: int, seed: int, rank: int, world: int) -> list[list[int]]:
@@ -137,6 +180,9 @@ class LoopConfig:
     seed: int = 0
     threads: Optional[int] = None
     init_adapter: Any = None  # an ObjectRef to an adapter state, for warm starts
+    loss: str = "lm"  # train.loss: lm or verbalizer
+    label_words: Optional[list] = None  # the verbalizer's label words, for loss == "verbalizer"
+    self_training: Optional[dict] = None  # set: train a LiST student on pseudo-labels (actors.self_training)
 
 
 class LoraRecipe:
@@ -162,6 +208,7 @@ class LoraRecipe:
 
         self.tokenizer = load_tokenizer(self.loop.model_path, self.model_cfg)
         self.tokenizer.truncation_side = "left"
+        self.label_ids = loss_label_ids(self.tokenizer, self.loop)
         # Master weights stay fp32; DeepSpeed's bf16 mode (GPU) keeps fp32 copies and computes in bf16.
         base = load_model(self.loop.model_path, self.model_cfg, self.device, dtype=torch.float32)
         model = attach_lora(base, self.lora_cfg, adapter_dtype_follows_base=False)
@@ -172,14 +219,18 @@ class LoraRecipe:
         model.config.use_cache = False
         return model
 
-    def _setup_data(self) -> list[tuple[list[int], list[int]]]:
+    @staticmethod
+    def _read_dataset(name: str, columns: list[str]) -> list[dict]:
+        """Every row of Ray Train dataset `name` (not split: each rank reads all), sorted by example_id."""
         import ray.train
 
-        shard = ray.train.get_dataset_shard("train")
         rows = []
-        for batch in shard.iter_batches(batch_size=1024, batch_format="pyarrow"):
-            rows.extend(batch.select(["example_id", "prompt", "target"]).to_pylist())
-        rows.sort(key=lambda r: r["example_id"])
+        for batch in ray.train.get_dataset_shard(name).iter_batches(batch_size=1024, batch_format="pyarrow"):
+            rows.extend(batch.select(columns).to_pylist())
+        return sorted(rows, key=lambda r: r["example_id"])
+
+    def _setup_data(self) -> list[tuple[list[int], list[int]]]:
+        rows = self._read_dataset("train", ["example_id", "prompt", "target"])
         return [
             encode_example(self.tokenizer, r["prompt"], r["target"], self.model_cfg.max_length, self.loop.add_eos)
             for r in rows
@@ -216,7 +267,7 @@ class LoraRecipe:
             for idx in rank_batches(n, self.cfg.batch_size, epoch, self.loop.seed, self.rank, self.world):
                 batch = collate([data[i] for i in idx], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                loss = batch_loss(engine, batch, self.cfg.label_smoothing)
+                loss = batch_loss(engine, batch, self.cfg.label_smoothing, self.label_ids)
                 engine.backward(loss)
                 engine.step()
                 total += loss.item()
@@ -247,6 +298,15 @@ class LoraRecipe:
     def _mean_across_ranks(self, value: float) -> float:
         return self._sum_across_ranks(value) / self.world
 
+    def _sum_tensor_across_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        x = t.to(self.device) if dist.get_backend() == "nccl" else t.clone()
+        dist.all_reduce(x)
+        return x.cpu()
+
     def _sum_across_ranks(self, value: float) -> float:
         if self.world == 1:
             return float(value)
@@ -258,8 +318,9 @@ class LoraRecipe:
         dist.all_reduce(t)
         return float(t.item())
 
-    def save_checkpoint(self, engine, metrics: dict) -> None:
-        """Rank 0 writes a PEFT adapter dir (under ZeRO-3 after gathering the LoRA shards); every rank reports."""
+    def save_checkpoint(self, engine, metrics: dict, extra=None) -> None:
+        """Rank 0 writes a PEFT adapter dir (under ZeRO-3 after gathering the LoRA shards), plus whatever
+        `extra(dir)` writes beside it; every rank reports."""
         import ray.train
         from ray.train import Checkpoint
 
@@ -269,6 +330,8 @@ class LoraRecipe:
             checkpoint = None
             if self.rank == 0:
                 model.save_pretrained(tmp, safe_serialization=True)
+                if extra is not None:
+                    extra(tmp)
                 checkpoint = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -299,6 +362,7 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
     torch.manual_seed(loop.seed)
     t0 = time.perf_counter()
     tok = load_tokenizer(loop.model_path, model_cfg)
+    label_ids = loss_label_ids(tok, loop)
     model = attach_lora(load_model(loop.model_path, model_cfg, dtype=torch.float32), from_dict(LoraConfig, loop.lora),
                         adapter_dtype_follows_base=False)
     if loop.init_adapter is not None:
@@ -320,7 +384,7 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
         model.train()
         total = 0.0
         for idx in rank_batches(len(data), cfg.batch_size, epoch, loop.seed, 0, 1):
-            loss = batch_loss(model, collate([data[i] for i in idx], tok.pad_token_id), cfg.label_smoothing)
+            loss = batch_loss(model, collate([data[i] for i in idx], tok.pad_token_id), cfg.label_smoothing, label_ids)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
@@ -349,4 +413,9 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. `config` is plain data; the typed configs are rebuilt on the first line."""
     loop = LoopConfig(**config)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    LoraRecipe(loop).train()
+    if loop.self_training:  # a LiST student on pseudo-labels
+        from actors.self_training import StudentRecipe
+
+        StudentRecipe(loop).train()
+    else:
+        LoraRecipe(loop).train()

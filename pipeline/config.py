@@ -126,7 +126,7 @@ class TrainConfig:
     PRESETS: ClassVar[dict] = {
         # STAR (arXiv 2403.01165) for LLaMA-2-7B-class models: 3 epochs at 1.5e-4, batch 8, no step floor.
         "paper": {"epochs": 3, "lr": 1.5e-4, "batch_size": 8, "min_steps": 0, "warmup_ratio": 0.0,
-                  "weight_decay_b": 0.5, "schedule": "linear"},
+                  "weight_decay_b": 0.5, "schedule": "linear", "loss": "lm"},
     }
 
     preset: Optional[str] = None  # paper: the STAR paper's recipe; None: the defaults below
@@ -139,6 +139,11 @@ class TrainConfig:
     weight_decay_b: float = 0.5  # L2 (decoupled) decay on LoRA B only: keeps the adapter calibrated
     weight_decay_a: float = 0.0  # none on A
     label_smoothing: float = 0.0
+    # lm: cross-entropy of the answer tokens over the whole vocabulary (the STAR paper's loss).
+    # verbalizer: cross-entropy over the label words only, at the answer position: exactly the distribution
+    # that scoring and evaluation read (PET / LM-BFF prompt-based fine-tuning); verbalizer tasks only.
+    # Measured on the demo (README "Does it save labels?"), it did not beat lm, so lm stays the default.
+    loss: Literal["lm", "verbalizer"] = "lm"
     max_grad_norm: float = 1.0
     warm_start: bool = False  # start from the last round's adapter instead of the base model
     zero_stage: int = 2  # 3 shards parameters too; slower on CPU
@@ -157,6 +162,7 @@ class TrainConfig:
         _require(self.weight_decay_b >= 0, f"train.weight_decay_b should be >= 0, got {self.weight_decay_b}")
         _require(self.weight_decay_a >= 0, f"train.weight_decay_a should be >= 0, got {self.weight_decay_a}")
         _require(0.0 <= self.label_smoothing < 1.0, f"train.label_smoothing should be in [0, 1), got {self.label_smoothing}")
+        _require(self.loss in ("lm", "verbalizer"), f"train.loss should be lm or verbalizer, got {self.loss!r}")
         _require(self.zero_stage in (2, 3), f"train.zero_stage should be 2 or 3, got {self.zero_stage}")
         _require(self.num_workers is None or self.num_workers >= 1, f"train.num_workers should be >= 1, got {self.num_workers}")
 
@@ -205,6 +211,43 @@ class ActiveLearningConfig:
 
 
 @dataclass
+class SelfTrainingConfig:
+    """LiST (arXiv 2110.06274) self-training after each round's gold training; defaults from the authors'
+    code (GPU-sized: 6 sessions x 1,000 steps). `preset: small` is sized for the embedded model on 2 CPU
+    cores; fields set beside a preset override it."""
+
+    PRESETS: ClassVar[dict] = {
+        # Measured on 2 CPU cores with SmolLM2-135M (README "Self-training"): one round in minutes.
+        "small": {"sessions": 2, "steps": 24, "batch_size": 8, "meta_batch": 4, "lr": 1.0e-3},
+    }
+
+    preset: Optional[str] = None
+    enabled: bool = False
+    sessions: int = 6  # teacher -> student promotions per round
+    steps: int = 1000  # student steps on pseudo-labels per session
+    warmup_fraction: float = 0.6  # distillation warm-up: uniform weights for this share of the steps
+    batch_size: int = 16  # pseudo-labelled rows per step (global, split over the workers)
+    meta_batch: int = 4  # gold rows per meta step
+    lr: float = 1.0e-4  # student AdamW (weight decay 0, linear schedule)
+    meta_lr: float = 5.0e-6  # the virtual SGD step of meta re-weighting
+    # Beyond LiST (which filters nothing): pseudo-label only rows whose teacher confidence >= this.
+    min_confidence: Optional[float] = None
+
+    def __post_init__(self):
+        _require(self.preset is None or self.preset in self.PRESETS,
+                 f"self_training.preset should be one of {sorted(self.PRESETS)}, got {self.preset!r}")
+        _require(self.sessions >= 1, f"self_training.sessions should be >= 1, got {self.sessions}")
+        _require(self.steps >= 1, f"self_training.steps should be >= 1, got {self.steps}")
+        _require(0.0 <= self.warmup_fraction <= 1.0, f"self_training.warmup_fraction should be in [0, 1], got {self.warmup_fraction}")
+        _require(self.batch_size >= 1, f"self_training.batch_size should be >= 1, got {self.batch_size}")
+        _require(self.meta_batch >= 1, f"self_training.meta_batch should be >= 1, got {self.meta_batch}")
+        _require(self.lr > 0, f"self_training.lr should be positive, got {self.lr}")
+        _require(self.meta_lr > 0, f"self_training.meta_lr should be positive, got {self.meta_lr}")
+        _require(self.min_confidence is None or 0.0 <= self.min_confidence < 1.0,
+                 f"self_training.min_confidence should be in [0, 1), got {self.min_confidence}")
+
+
+@dataclass
 class ClusterConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS, else an embedded local Ray
     num_cpus: Optional[int] = None  # embedded Ray only; None: all cores
@@ -225,12 +268,22 @@ class Config:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     al: ActiveLearningConfig = field(default_factory=ActiveLearningConfig)
+    self_training: SelfTrainingConfig = field(default_factory=SelfTrainingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seed: int = 0
 
     def __post_init__(self):
         _require(self.seed >= 0, f"seed should be >= 0, got {self.seed}")
         check_strategy(self.al, self.task.task_kind, self.scoring.mc_passes)
+        _require(not (self.train.loss == "verbalizer" and self.task.task_kind == "generation"),
+                 "train.loss verbalizer needs a verbalizer task; a generation task trains with train.loss lm")
+        if self.self_training.enabled:
+            _require(self.task.task_kind == "verbalizer",
+                     "self_training.enabled needs a verbalizer task (LiST soft-labels over the label words); "
+                     "a generation task has no label distribution to distil")
+            _require(self.train.zero_stage == 2,
+                     "self_training.enabled needs train.zero_stage 2: meta re-weighting differentiates through "
+                     "whole LoRA tensors, which ZeRO-3 shards")
 
 
 def check_strategy(al: ActiveLearningConfig, task_kind: str, mc_passes: int) -> None:

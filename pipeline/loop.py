@@ -180,12 +180,28 @@ class ActiveLearningRun:
             [{"example_id": e, "label": labels[e], "round_added": k, "source": "human"} for e in ids if e in labels]))
 
     def _training(self, k: int) -> None:
+        """Constraint-LoRA training on the gold labels; with self_training.enabled that adapter is the
+        teacher of LiST sessions (pipeline.self_training) and the round's adapter is the last student."""
+        table = self._training_table()
+        if not self.cfg.self_training.enabled:
+            self._train_gold(k, table, self.run_dir.adapter_dir(k))
+            return
+        from pipeline.self_training import RoundSelfTraining
+        from pipeline.training import ADAPTER_FILE, _install_dir
+
+        st = RoundSelfTraining(self, k)
+        if not (st.teacher_dir() / ADAPTER_FILE).is_file():  # resumed: the teacher is already trained
+            self._train_gold(k, table, st.teacher_dir())
+        summary = st.run_sessions(table)
+        _install_dir(str(self.run_dir.path / summary["final"]), self.run_dir.adapter_dir(k))
+        path = self.run_dir.round_dir(k) / "train_metrics.json"
+        write_json(path, {**_read_json(path), "self_training": summary})
+
+    def _train_gold(self, k: int, table: pa.Table, out: Path) -> None:
         from pipeline.training import train_adapter, train_adapter_in_process
 
-        table = self._training_table()
         init = self._adapter_state(k - 1) if self.cfg.train.warm_start and k > 0 else None
         add_eos = self.task.kind == "generation"
-        out = self.run_dir.adapter_dir(k)
         if self.cfg.train.backend == "local":
             result = train_adapter_in_process(self.cfg, self.model_path, table, out, add_eos, init)
         else:
@@ -208,6 +224,7 @@ class ActiveLearningRun:
             "selected": {"n": selected.num_rows, "mean_score": _mean(selected.column("score").to_pylist()),
                          "labels": {l: new.count(l) for l in sorted(set(new))}},
             "train_loss": train.get("epoch_loss", [None])[-1],
+            **({"self_training": _self_training_line(train["self_training"])} if "self_training" in train else {}),
             "timings": {**_read_json(self.run_dir.round_dir(k) / "timings.json"),
                         "train_fit_s": train.get("fit_s"), "train_overhead_s": train.get("overhead_s")},
         }
@@ -293,6 +310,19 @@ class ActiveLearningRun:
 def _aligned(scored: pa.Table, table: pa.Table, column: str) -> np.ndarray:
     values = dict(zip(scored.column("example_id").to_pylist(), scored.column(column).to_pylist()))
     return np.array([values[e] for e in table.column("example_id").to_pylist()], dtype=np.float64)
+
+
+def _self_training_line(summary: dict) -> dict:
+    """The round's self-training in one metrics line: per session, pseudo rows and losses; the total time."""
+    sessions = summary["sessions"]
+    return {
+        "sessions": len(sessions),
+        "pseudo_rows": [s["pseudo_rows"] for s in sessions],
+        "student_loss": [s["student_loss"] for s in sessions],
+        "gold_loss": [s["gold_loss"] for s in sessions],
+        "zero_weight_rows": [s["zero_weight_rows"] for s in sessions],
+        "seconds": round(sum(s.get(k, 0.0) for s in sessions for k in ("pseudo_label_s", "student_s", "gold_s")), 3),
+    }
 
 
 def _read_json(path: Path) -> dict:

@@ -49,9 +49,13 @@ def _install_dir(src: str, dst: Path) -> None:
 def loop_config(cfg: Config, model_path: str, threads: Optional[int], add_eos: bool = False, init_adapter=None):
     from actors.trainer import LoopConfig
 
+    from pipeline.tasks import get_task
+
+    loss = cfg.train.loss
     return LoopConfig(
         model_path=model_path, model=to_dict(cfg.model), lora=to_dict(cfg.lora), train=to_dict(cfg.train),
-        add_eos=add_eos, seed=cfg.seed, threads=threads, init_adapter=init_adapter,
+        add_eos=add_eos, seed=cfg.seed, threads=threads, init_adapter=init_adapter, loss=loss,
+        label_words=list(get_task(cfg.task).label_words) if loss == "verbalizer" else None,
     )
 
 
@@ -94,14 +98,22 @@ def train_adapter(
 ) -> TrainResult:
     """Fine-tune a fresh LoRA (or `init_state`, for warm starts) on `labeled` with Ray Train + DeepSpeed."""
     import ray
+
+    _check_labeled(labeled)
+    loop = loop_config(cfg, model_path, plan.threads_per_train_worker, add_eos,
+                       ray.put(init_state) if init_state is not None else None)
+    return fit_with_ray_train(cfg, loop, {"train": labeled.select(TRAIN_COLUMNS)}, out_dir, plan, storage_path, name)
+
+
+def fit_with_ray_train(cfg: Config, loop, datasets: dict[str, pa.Table], out_dir: str | os.PathLike, plan,
+                       storage_path: Optional[str], name: str) -> TrainResult:
+    """One `TorchTrainer.fit()` of `actors.trainer.train_loop_per_worker`; its checkpoint becomes out_dir."""
+    import ray
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from actors.trainer import train_loop_per_worker
 
-    _check_labeled(labeled)
-    loop = loop_config(cfg, model_path, plan.threads_per_train_worker, add_eos,
-                       ray.put(init_state) if init_state is not None else None)
     storage = Path(storage_path or cfg.cluster.storage_path or Path(out_dir).parent / "ray_train").resolve()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -109,7 +121,7 @@ def train_adapter(
         scaling_config=ScalingConfig(
             num_workers=plan.train_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.train_resources
         ),
-        datasets={"train": ray.data.from_arrow(labeled.select(TRAIN_COLUMNS))},
+        datasets={k: ray.data.from_arrow(v) for k, v in datasets.items()},
         dataset_config=DataConfig(datasets_to_split=[]),  # every rank slices the whole set itself
         run_config=RunConfig(name=name, storage_path=str(storage)),
     )

@@ -186,3 +186,19 @@ def test_allow_partial_continues_with_what_is_labelled(tiny_model_dir, scorer, t
     assert deft(["label", "import", str(path), str(partial), "--allow-partial"]) == 0
     ActiveLearningRun.open(path, scorer=scorer).resume()
     assert rd.read_labeled().num_rows == 2 and rd.read_state().phase == "done"
+
+
+def test_verbalizer_loss_runs_the_loop_and_trains_a_different_adapter(tiny_model_dir, scorer, reference, tmp_path):
+    """train.loss verbalizer end to end: the same rows, a different objective, so different adapters; its
+    round-0 loss is a 2-way cross-entropy (well under the LM loss over the whole vocabulary at the start)."""
+    import hashlib
+
+    path = tmp_path / "run"
+    metrics = ActiveLearningRun(loop_config(tiny_model_dir, train={"loss": "verbalizer"}), path, scorer=scorer).run()
+    assert [m["labels"] for m in metrics] == [6, 11] and all(0.0 <= m["accuracy"] <= 1.0 for m in metrics)
+    assert outcome(path)[1][0] == reference[1][1][0]  # the cold start does not depend on the loss
+    digest = lambda p: hashlib.sha256((RunDir(p).adapter_dir(0) / "adapter_model.safetensors").read_bytes()).hexdigest()
+    assert digest(path) != digest(reference[0])
+    first = json.loads((RunDir(path).round_dir(0) / "train_metrics.json").read_text())["epoch_loss"][0]
+    lm_first = json.loads((RunDir(reference[0]).round_dir(0) / "train_metrics.json").read_text())["epoch_loss"][0]
+    assert first < 3.0 < lm_first, (first, lm_first)

@@ -82,3 +82,30 @@ def test_warm_start_continues_from_the_given_adapter(ray_local, tiny_model_dir, 
     warm = _fit(cfg, tiny_model_dir, labeled, tmp_path / "b", ray_local, workers=1, init_state=init)
     for k in init:  # with lr ~ 0 and no decay, a warm start ends where it began
         assert torch.allclose(warm.state[k], init[k], atol=1e-5), k
+
+
+def test_a_lists_student_trains_in_ray_train_as_in_process(ray_local, tiny_model_dir, labeled, tmp_path):
+    """The LiST student through Ray Train + DeepSpeed (1 worker) takes the same steps as in-process: same
+    per-step losses, through the warm-up and the meta re-weighted steps, and writes its meta-weights."""
+    import json
+
+    from actors.self_training import WEIGHTS_FILE, train_student_in_process
+    from pipeline.self_training import student_loop_config
+    from pipeline.training import fit_with_ray_train
+
+    cfg = tiny_config(tiny_model_dir, self_training={"enabled": True, "steps": 4, "warmup_fraction": 0.5, "batch_size": 4,
+                                                       "meta_batch": 2, "lr": 1e-3, "meta_lr": 1e-2})
+    rows = labeled.select(["example_id", "prompt"]).to_pylist()
+    pseudo = pa.Table.from_pylist([{**r, "probs": [0.3, 0.7] if i % 2 else [0.8, 0.2]} for i, r in enumerate(rows[:12])])
+    gold = labeled.select(["example_id", "prompt", "target"]).slice(12)
+    plan = plan_resources(ray_local.cluster_resources(), cfg.scoring.num_actors, cfg.cluster.scorer_cpus, train_workers=1)
+    loop = student_loop_config(cfg, tiny_model_dir, plan.threads_per_train_worker, seed=5, label_words=[" true", " false"])
+    ray_result = fit_with_ray_train(cfg, loop, {"train": pseudo, "gold": gold}, tmp_path / "ray", plan, str(tmp_path / "rt"), "student")
+    local = train_student_in_process(student_loop_config(cfg, tiny_model_dir, None, seed=5, label_words=[" true", " false"]),
+                                     pseudo.to_pylist(), gold.to_pylist(), str(tmp_path / "local"))
+    assert ray_result.metrics["steps"] == 4 and ray_result.metrics["warmup_steps"] == 2
+    assert ray_result.metrics["loss_by_step"] == pytest.approx(local["loss_by_step"], rel=1e-4)
+    weights = json.loads((tmp_path / "ray" / WEIGHTS_FILE).read_text())
+    assert set(weights) == set(pseudo.column("example_id").to_pylist())
+    assert any(w is not None for w in weights.values()) and all(w is None or w >= 0 for w in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in ray_result.state.items() if "lora_B" in k)

@@ -1,0 +1,174 @@
+"""LiST self-training in a round (self_training.enabled): teacher -> pseudo-labels -> student -> gold fine-tune.
+
+The round's gold-trained adapter is the first teacher. Each session s:
+  1. the teacher soft-labels the unlabelled pool on the long-lived scoring actors (eval mode: no dropout,
+     temperature 1); the scorer sees example_id and prompt only. Rows labelled in this round (the ones
+     the oracle was asked about) are labelled by now, so they are not in the pool that is pseudo-labelled;
+  2. a fresh student (base + new LoRA) trains on them (actors.self_training), with Ray Train + DeepSpeed
+     or in-process, as train.backend says;
+  3. the student is fine-tuned on the gold labels with the constraint-LoRA recipe (B decay);
+  4. it becomes the next session's teacher.
+The round's adapter (rounds/k/adapter, what scores and evaluates) is the last session's.
+
+    RUN/rounds/k/teacher/                      the gold-trained adapter (session 0's teacher)
+    RUN/rounds/k/self_training/s/pseudo.parquet   example_id, source="pseudo", probs, confidence,
+                                                  pseudo_label, weight (mean meta-weight; null if never re-weighted)
+    RUN/rounds/k/self_training/s/student/      the student after pseudo-label training
+    RUN/rounds/k/self_training/s/adapter/      the student after the gold fine-tune
+    RUN/rounds/k/self_training/s/metrics.json
+
+Pseudo rows live here, never in labeled.parquet: they are not labels (budget, round accounting and every
+curve's x-axis count gold rows only) and are never exported for labelling. Each artifact is written
+atomically and its existence is the resume point, so a run killed mid-session restarts that session's
+unfinished step, which is seeded by (seed, round, session), and ends with the same adapter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import Config, to_dict
+from pipeline.io import read_parquet, write_json, write_parquet
+from pipeline.training import (ADAPTER_FILE, TrainResult, _install_dir, fit_with_ray_train, read_adapter_state,
+                               train_adapter, train_adapter_in_process)
+
+log = logging.getLogger(__name__)
+
+
+def session_seed(seed: int, k: int, session: int, purpose: str) -> int:
+    """A seed for one step of one session, independent of everything that ran before it."""
+    return int(np.random.SeedSequence([seed, k, session, sum(purpose.encode())]).generate_state(1)[0] % 2**31)
+
+
+def student_loop_config(cfg: Config, model_path: str, threads: Optional[int], seed: int, label_words: list[str]):
+    """The student's optimiser (LiST: AdamW at self_training.lr, weight decay 0, linear schedule, no
+    warm-up) in the gold recipe's LoopConfig, plus the self-training settings."""
+    from actors.trainer import LoopConfig
+
+    st = cfg.self_training
+    train = {**to_dict(cfg.train), "preset": None, "lr": st.lr, "batch_size": st.batch_size, "epochs": 1,
+             "min_steps": 0, "warmup_ratio": 0.0, "schedule": "linear", "weight_decay_b": 0.0,
+             "weight_decay_a": 0.0, "label_smoothing": 0.0, "loss": "verbalizer", "warm_start": False}
+    return LoopConfig(model_path=model_path, model=to_dict(cfg.model), lora=to_dict(cfg.lora), train=train,
+                      add_eos=False, seed=seed, threads=threads, loss="verbalizer", label_words=label_words,
+                      self_training=to_dict(st))
+
+
+class RoundSelfTraining:
+    """The self-training part of round k's training phase, resumable at every step."""
+
+    def __init__(self, run, k: int):
+        self.run, self.k, self.cfg = run, k, run.cfg
+        self.root = run.run_dir.round_dir(k) / "self_training"
+
+    def teacher_dir(self) -> Path:
+        return self.run.run_dir.round_dir(self.k) / "teacher"
+
+    def session_dir(self, s: int) -> Path:
+        return self.root / str(s)
+
+    def run_sessions(self, gold: pa.Table) -> dict:
+        """Every session not yet done; returns the round's self-training summary (also in metrics.json files)."""
+        teacher = self.teacher_dir()
+        summary = []
+        for s in range(self.cfg.self_training.sessions):
+            d = self.session_dir(s)
+            if not (d / "adapter" / ADAPTER_FILE).is_file():
+                self._session(s, teacher, gold)
+            summary.append(json.loads((d / "metrics.json").read_text()))
+            teacher = d / "adapter"
+        return {"sessions": summary, "final": str(teacher.relative_to(self.run.run_dir.path))}
+
+    def _session(self, s: int, teacher: Path, gold: pa.Table) -> None:
+        d, times = self.session_dir(s), {}
+        pseudo_file = d / "pseudo.parquet"
+        if not pseudo_file.is_file():
+            t0 = time.perf_counter()
+            write_parquet(pseudo_file, self._pseudo_label(read_adapter_state(teacher)))
+            times["pseudo_label_s"] = time.perf_counter() - t0
+        pseudo = read_parquet(pseudo_file)
+        student = d / "student"
+        if not (student / ADAPTER_FILE).is_file():
+            t0 = time.perf_counter()
+            result = self._train_student(s, pseudo, gold, student)
+            write_json(d / "student_metrics.json", result.metrics)
+            weights = json.loads((student / "pseudo_weights.json").read_text())
+            write_parquet(pseudo_file, pseudo.append_column(
+                "weight", pa.array([weights.get(e) for e in pseudo.column("example_id").to_pylist()], pa.float64())))
+            times["student_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = self._gold_fine_tune(s, gold, read_adapter_state(student), d / "adapter.tmp")
+        times["gold_s"] = time.perf_counter() - t0
+        pseudo = read_parquet(pseudo_file)
+        student_metrics = json.loads((d / "student_metrics.json").read_text())
+        weights = [w for w in pseudo.column("weight").to_pylist() if w is not None]
+        write_json(d / "metrics.json", {
+            "session": s, "pseudo_rows": pseudo.num_rows,
+            "pseudo_labels": {str(l): int(c) for l, c in zip(*np.unique(pseudo.column("pseudo_label").to_pylist(), return_counts=True))} if pseudo.num_rows else {},
+            "mean_confidence": float(np.mean(pseudo.column("confidence").to_numpy())) if pseudo.num_rows else None,
+            "reweighted_rows": len(weights), "zero_weight_rows": sum(1 for w in weights if w == 0.0),
+            "student_loss": student_metrics.get("epoch_loss", [None])[-1], "student_steps": student_metrics.get("steps"),
+            "gold_loss": result.metrics.get("epoch_loss", [None])[-1], **{k: round(v, 3) for k, v in times.items()},
+        })
+        # The adapter dir last, by rename: its existence marks the session done (metrics.json is in place).
+        os.replace(d / "adapter.tmp", d / "adapter")
+
+    def _pseudo_label(self, teacher_state: dict) -> pa.Table:
+        """The teacher's label-word distribution on every unlabelled row (eval mode, label-free)."""
+        unlabeled = self.run._unlabeled()
+        scorer = self.run.scorer
+        scorer.set_adapter(teacher_state)
+        scored = scorer.score(unlabeled.select(["example_id", "prompt"]), "eval")
+        conf = scored.column("confidence")
+        min_conf = self.cfg.self_training.min_confidence
+        if min_conf is not None:
+            scored = scored.filter(pc.greater_equal(conf, min_conf))
+        return pa.table({
+            "example_id": scored.column("example_id"),
+            "source": pa.array(["pseudo"] * scored.num_rows, pa.string()),
+            "probs": scored.column("probs"),
+            "confidence": scored.column("confidence"),
+            "pseudo_label": scored.column("prediction"),
+        })
+
+    def _train_student(self, s: int, pseudo: pa.Table, gold: pa.Table, out: Path) -> TrainResult:
+        if pseudo.num_rows == 0:
+            raise ValueError(f"round {self.k} session {s}: no pseudo-labelled rows (pool exhausted, or "
+                             f"self_training.min_confidence {self.cfg.self_training.min_confidence} filtered all)")
+        prompts = dict(zip(self.run.pool.example_ids, self.run.pool.table.column("prompt").to_pylist()))
+        rows = pa.table({"example_id": pseudo.column("example_id"),
+                         "prompt": [prompts[e] for e in pseudo.column("example_id").to_pylist()],
+                         "probs": pseudo.column("probs")})
+        seed = session_seed(self.cfg.seed, self.k, s, "student")
+        words = list(self.run.task.label_words)
+        if self.cfg.train.backend == "local":
+            from actors.self_training import train_student_in_process
+
+            loop = student_loop_config(self.cfg, self.run.model_path, None, seed, words)
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                metrics = train_student_in_process(loop, rows.to_pylist(), gold.to_pylist(), tmp)
+                _install_dir(tmp, out)
+            metrics["fit_s"] = time.perf_counter() - t0
+            return TrainResult(out, read_adapter_state(out), metrics)
+        plan = self.run.scorer.plan
+        loop = student_loop_config(self.cfg, self.run.model_path, plan.threads_per_train_worker, seed, words)
+        return fit_with_ray_train(self.cfg, loop, {"train": rows, "gold": gold}, out, plan,
+                                  str(self.run.run_dir.path / "ray_train"), f"round-{self.k}-student-{s}")
+
+    def _gold_fine_tune(self, s: int, gold: pa.Table, student_state: dict, out: Path) -> TrainResult:
+        cfg = dataclasses.replace(self.cfg, seed=session_seed(self.cfg.seed, self.k, s, "gold"))
+        if cfg.train.backend == "local":
+            return train_adapter_in_process(cfg, self.run.model_path, gold, out, False, student_state)
+        return train_adapter(cfg, self.run.model_path, gold, out, self.run.scorer.plan, False, student_state,
+                             storage_path=str(self.run.run_dir.path / "ray_train"), name=f"round-{self.k}-gold-{s}")

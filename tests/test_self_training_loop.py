@@ -1,0 +1,126 @@
+"""LiST through the real loop (tiny model, local Ray scorers, 2 rounds x 2 sessions): what the run dir
+holds, that pseudo-labels never count or carry gold, and that a kill inside a session resumes to the
+same adapter, bit for bit."""
+import hashlib
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.io import read_parquet
+from pipeline.loop import ActiveLearningRun
+from pipeline.run_dir import RunDir
+from pipeline.scoring import PoolScorer
+from pipeline.self_training import RoundSelfTraining
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def config(model_dir, **st):
+    return tiny_config(
+        model_dir,
+        al={"strategy": "star", "initial_size": 6, "batch_size": 5, "rounds": 2, "evaluate_base": False, "eval_limit": 10},
+        train={"epochs": 2, "lr": 3e-3, "batch_size": 4, "backend": "local"},
+        self_training={"enabled": True, "sessions": 2, "steps": 4, "warmup_fraction": 0.5, "batch_size": 4,
+                       "meta_batch": 2, "lr": 1e-3, "meta_lr": 1e-2, **st},
+    )
+
+
+@pytest.fixture(scope="module")
+def scorer(ray_local, tiny_model_dir):
+    s = PoolScorer(config(tiny_model_dir), tiny_model_dir)
+    yield s
+    s.shutdown()
+
+
+def digest(path):
+    return hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, scorer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("st") / "run"
+    seen = []  # every table the teacher scorer is handed
+    original = scorer.score
+
+    def spy(table, mode, **kw):
+        seen.append((mode, table.column_names))
+        return original(table, mode, **kw)
+
+    scorer.score = spy
+    try:
+        metrics = ActiveLearningRun(config(tiny_model_dir), path, scorer=scorer).run()
+    finally:
+        scorer.score = original
+    return path, metrics, seen
+
+
+def test_self_training_run_dir_and_accounting(reference):
+    path, metrics, seen = reference
+    rd = RunDir(path)
+    assert [m["labels"] for m in metrics] == [6, 11]  # gold only: pseudo rows are not labels
+    assert set(rd.read_labeled().column("source").to_pylist()) == {"oracle"}
+    assert all(cols == ["example_id", "prompt"] for _, cols in seen)  # label-free teacher
+    assert sum(1 for mode, _ in seen if mode == "eval") >= 4  # 2 rounds x 2 sessions of pseudo-labelling
+    labeled = rd.read_labeled()
+    for k, m in enumerate(metrics):
+        gold_ids = set(labeled.filter(pc.less_equal(labeled.column("round_added"), k)).column("example_id").to_pylist())
+        selected = set(read_parquet(rd.selected_file(k)).column("example_id").to_pylist())
+        assert selected <= gold_ids
+        for s in range(2):
+            d = rd.round_dir(k) / "self_training" / str(s)
+            pseudo = read_parquet(d / "pseudo.parquet")
+            assert pseudo.column_names == ["example_id", "source", "probs", "confidence", "pseudo_label", "weight"]
+            ids = pseudo.column("example_id").to_pylist()
+            assert not set(ids) & gold_ids  # this round's oracle rows and every earlier label are excluded
+            assert len(ids) == 40 - len(gold_ids)  # the rest of the pool
+            assert set(pseudo.column("source").to_pylist()) == {"pseudo"}
+            probs = np.array(pseudo.column("probs").to_pylist())
+            assert probs.sum(1) == pytest.approx(np.ones(len(ids)))  # soft labels, not one-hot gold
+            assert [("true", "false")[i] for i in probs.argmax(1)] == pseudo.column("pseudo_label").to_pylist()
+            weights = [w for w in pseudo.column("weight").to_pylist() if w is not None]
+            assert weights and all(w >= 0 for w in weights)  # meta re-weighted steps ran (2 of 4 steps)
+            for sub in ("student", "adapter"):
+                assert (d / sub / "adapter_config.json").is_file()
+        last = rd.round_dir(k) / "self_training" / "1" / "adapter"
+        assert digest(rd.adapter_dir(k)) == digest(last)  # the round's adapter is the last student
+        assert digest(rd.adapter_dir(k)) != digest(rd.round_dir(k) / "teacher")
+        line = m["self_training"]
+        assert line["sessions"] == 2 and line["pseudo_rows"] == [40 - len(gold_ids)] * 2
+        assert all(np.isfinite(line["student_loss"])) and all(np.isfinite(line["gold_loss"]))
+
+
+class Killed(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("step", ["_train_student", "_gold_fine_tune"])
+def test_kill_inside_a_session_resumes_to_the_same_adapter(tiny_model_dir, scorer, reference, tmp_path, monkeypatch, step):
+    """Killed in round 1, session 1 (after its pseudo-labels; after its student), then resumed: every
+    adapter ends bit for bit as in the uninterrupted run."""
+    ref_path, ref_metrics, _ = reference
+    original = getattr(RoundSelfTraining, step)
+
+    def kill_once(self, s, *args):
+        if self.k == 1 and s == 1:
+            monkeypatch.setattr(RoundSelfTraining, step, original)
+            raise Killed()
+        return original(self, s, *args)
+
+    monkeypatch.setattr(RoundSelfTraining, step, kill_once)
+    path = tmp_path / "run"
+    with pytest.raises(Killed):
+        ActiveLearningRun(config(tiny_model_dir), path, scorer=scorer).run()
+    d = RunDir(path).round_dir(1) / "self_training" / "1"
+    assert (d / "pseudo.parquet").is_file() and not (d / "adapter").exists()
+    assert (d / "student").exists() == (step == "_gold_fine_tune")
+    metrics = ActiveLearningRun.open(path, scorer=scorer).resume()
+    losses = lambda ms: [(m["train_loss"], m["self_training"]["student_loss"], m["self_training"]["gold_loss"]) for m in ms]
+    assert losses(metrics) == losses(ref_metrics)
+    for k in range(2):
+        for s in range(2):
+            sub = f"self_training/{s}"
+            assert digest(RunDir(path).round_dir(k) / sub / "adapter") == digest(RunDir(ref_path).round_dir(k) / sub / "adapter")
+        assert digest(RunDir(path).adapter_dir(k)) == digest(RunDir(ref_path).adapter_dir(k))
