@@ -76,6 +76,7 @@ def tiny_config(model_dir: str, **sections) -> Config:
         "data": {"path": "demo", "demo_size": 40},
         "scoring": {"mc_passes": 3, "batch_size": 4, "num_actors": 2},
         "cluster": {"num_cpus": 2},
+        "train": {"min_steps": 0},  # the tests choose their epochs; warm_start keeps its default (on)
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)

@@ -56,8 +56,11 @@ def test_custom_task_answer_field_cannot_be_an_input():
 
 
 def test_train_preset_paper_and_explicit_keys_over_it():
+    small = load_config(None, [])
+    assert (small.train.epochs, small.train.lr, small.train.min_steps, small.train.warm_start) == (1, 3e-3, 32, True)
     cfg = load_config(None, ["train.preset=paper"])
     assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.train.min_steps) == (3, 1.5e-4, 8, 0)
+    assert (cfg.train.warm_start, cfg.train.warmup_ratio, cfg.train.loss) == (False, 0.0, "lm")
     cfg = load_config(None, ["train.preset=paper", "train.lr=0.001"])
     assert cfg.train.lr == 0.001 and cfg.train.epochs == 3
     with pytest.raises(ConfigError, match="train.preset should be one of"):
@@ -70,7 +73,7 @@ def test_min_steps_is_a_floor_on_optimizer_steps():
     t = TrainConfig(epochs=2, min_steps=30, batch_size=8)
     assert t.epochs_for(32) == 8  # 4 steps an epoch: 8 epochs reach 32 >= 30 steps
     assert t.epochs_for(320) == 2  # 40 steps an epoch: the epoch count already passes the floor
-    assert TrainConfig(epochs=3).epochs_for(5) == 3
+    assert TrainConfig(epochs=3, min_steps=0).epochs_for(5) == 3
 
 
 def test_training_never_switches_on_attention_dropout():
