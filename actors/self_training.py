@@ -208,20 +208,11 @@ def train_student_in_process(loop, pseudo_rows: list[dict], gold_rows: list[dict
 
     from tqdm.auto import tqdm
 
-    from actors.model import attach_lora, load_model, load_tokenizer
-    from actors.trainer import build_optimizer, build_schedule, training_model_config
-    from pipeline.config import LoraConfig, TrainConfig, from_dict
+    from actors.trainer import build_optimizer, build_schedule, in_process_model
 
-    model_cfg, cfg = training_model_config(loop.model), from_dict(TrainConfig, loop.train)
-    if loop.threads:
-        torch.set_num_threads(loop.threads)
-    torch.manual_seed(loop.seed)
     t0 = time.perf_counter()
-    tok = load_tokenizer(loop.model_path, model_cfg)
+    model_cfg, cfg, tok, model = in_process_model(loop)  # loop.init_adapter is None: a fresh student
     label_ids = _student_setup(loop, tok)
-    model = attach_lora(load_model(loop.model_path, model_cfg, dtype=torch.float32), from_dict(LoraConfig, loop.lora),
-                        adapter_dtype_follows_base=False)
-    model.config.use_cache = False
     data = PseudoData.encode(tok, pseudo_rows, gold_rows, loop.label_words, model_cfg.max_length)
     opt = build_optimizer(model, cfg)
     engine = PlainEngine(model, opt, build_schedule(opt, cfg, loop.self_training["steps"]), cfg.max_grad_norm)

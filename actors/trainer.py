@@ -351,23 +351,30 @@ def _gathered(model):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
-    """The same recipe without Ray or DeepSpeed: one process, plain torch AdamW. For laptops and tests
-    (no 35-47 s Ray Train start-up per round), and the baseline of benchmarks.training."""
+def in_process_model(loop: LoopConfig):
+    """(model config, train config, tokenizer, fp32 model with LoRA) for training in this process, seeded
+    by loop.seed before anything draws from the generator."""
     from actors.model import attach_lora, load_adapter_state, load_model, load_tokenizer
 
     model_cfg, cfg = training_model_config(loop.model), from_dict(TrainConfig, loop.train)
     if loop.threads:
         torch.set_num_threads(loop.threads)
     torch.manual_seed(loop.seed)
-    t0 = time.perf_counter()
     tok = load_tokenizer(loop.model_path, model_cfg)
-    label_ids = loss_label_ids(tok, loop)
     model = attach_lora(load_model(loop.model_path, model_cfg, dtype=torch.float32), from_dict(LoraConfig, loop.lora),
                         adapter_dtype_follows_base=False)
     if loop.init_adapter is not None:
         load_adapter_state(model, loop.init_adapter)
     model.config.use_cache = False
+    return model_cfg, cfg, tok, model
+
+
+def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
+    """The same recipe without Ray or DeepSpeed: one process, plain torch AdamW. For laptops and tests
+    (no 35-47 s Ray Train start-up per round), and the baseline of benchmarks.training."""
+    t0 = time.perf_counter()
+    model_cfg, cfg, tok, model = in_process_model(loop)
+    label_ids = loss_label_ids(tok, loop)
     rows = sorted(rows, key=lambda r: r["example_id"])
     data = [encode_example(tok, r["prompt"], r["target"], model_cfg.max_length, loop.add_eos) for r in rows]
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)

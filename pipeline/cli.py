@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     c = sub.add_parser("compare", help="run strategies side by side over seeds; write compare.md/.png; label saving")
     with_config(c)
-    c.add_argument("--strategies", default="random,star", help="comma-separated (default: random,star)")
+    c.add_argument("--strategies", default="random,star", help="comma-separated (default: random,star); "
+                   "NAME+st runs NAME with LiST self-training on (e.g. random,star,star+st)")
     c.add_argument("--seeds", default="0,1,2", help="comma-separated (default: 0,1,2)")
     c.add_argument("--out", required=True, help="the comparison's directory; running again resumes it")
     c.add_argument("--parallel", type=int, help="runs at once (default: one per GPU on multi-GPU clusters, else 1)")

@@ -1,6 +1,7 @@
 """`deft compare`: strategies side by side over seeds, and how many labels each saves against random.
 
     deft compare configs/quickstart.yaml --strategies random,entropy,bald,star --seeds 0,1,2 --out runs/cmp
+    deft compare configs/quickstart.yaml --strategies random,star,star+st --seeds 0,1,2 --out runs/list  # + LiST
 
     from pipeline.compare import compare
     summary = compare(cfg, ["random", "star"], [0, 1, 2], "runs/cmp")
@@ -40,11 +41,18 @@ log = logging.getLogger(__name__)
 PHASE_TIMES = [f"{p}_s" for p in PHASES[:-1]]
 
 
+SELF_TRAINING_SUFFIX = "+st"
+
+
 def run_config(cfg: Config, strategy: str, seed: int) -> Config:
-    """The base config with one strategy and seed, validated like any config."""
+    """The base config with one strategy and seed, validated like any config. `<strategy>+st` turns LiST
+    self-training on (with the config's self_training settings); a plain name turns it off, so every
+    curve of a comparison says what it is."""
     data = to_dict(cfg)
-    data["al"]["strategy"], data["seed"] = strategy, seed
-    if strategy not in ("star", "subtract"):
+    name, st = (strategy[: -len(SELF_TRAINING_SUFFIX)], True) if strategy.endswith(SELF_TRAINING_SUFFIX) else (strategy, False)
+    data["al"]["strategy"], data["seed"] = name, seed
+    data["self_training"]["enabled"] = st
+    if name not in ("star", "subtract"):
         data["al"]["measure"] = "auto"  # al.measure only chooses what star/subtract mix
     return from_dict(Config, data)
 
@@ -229,6 +237,9 @@ def summarize(out: Path, strategies: list[str], seeds: list[int]) -> dict:
                       "ece": _mean_sd([r[x]["ece"] for r in per_run if x in r])} for x in labels]
         aulcs[s] = _mean_sd([aulc(curve_points(rd)) for rd in runs])
         phases[s] = {p: _mean_sd([_phase_seconds(rd, p) for rd in runs])["mean"] for p in PHASE_TIMES}
+        # Part of training_s: LiST's pseudo-labelling, student and gold fine-tunes, summed over rounds.
+        phases[s]["self_training_s"] = _mean_sd([sum((m.get("self_training") or {}).get("seconds", 0.0)
+                                                     for m in rd.read_metrics()) for rd in runs])["mean"]
     summary = {"strategies": strategies, "seeds": seeds, "curves": curves, "aulc": aulcs, "phase_s": phases}
     summary.update(_label_saving(curves))
     return summary
@@ -291,11 +302,13 @@ def render_markdown(summary: dict) -> str:
             else:
                 lines.append(f"| {s} | {ls['labels']:.1f} | {_pct(ls['pct_of_random'])} | {_pct(ls['saving_pct'])} |")
     lines += ["", "## Wall time per phase (seconds per run, mean over seeds)", "",
-              "| strategy | " + " | ".join(p[:-2] for p in PHASE_TIMES) + " | total |",
-              "|---|" + "---:|" * (len(PHASE_TIMES) + 1)]
+              "Self-training (LiST) is part of training.", "",
+              "| strategy | " + " | ".join(p[:-2] for p in PHASE_TIMES) + " | total | of which self-training |",
+              "|---|" + "---:|" * (len(PHASE_TIMES) + 2)]
     for s in strategies:
         t = summary["phase_s"][s]
-        lines.append(f"| {s} | " + " | ".join(f"{t[p] or 0:.1f}" for p in PHASE_TIMES) + f" | {sum(v or 0 for v in t.values()):.1f} |")
+        lines.append(f"| {s} | " + " | ".join(f"{t[p] or 0:.1f}" for p in PHASE_TIMES)
+                     + f" | {sum(t[p] or 0 for p in PHASE_TIMES):.1f} | {t.get('self_training_s') or 0:.1f} |")
     return "\n".join(lines) + "\n"
 
 

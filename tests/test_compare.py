@@ -133,3 +133,27 @@ def test_quickstart_command_compares_random_and_star(tiny_model_dir, ray_local, 
     for s in ("random", "star"):
         cfg = RunDir(tmp_path / "qs" / f"{s}-seed0").read_config()
         assert cfg.task.name == "demo" and cfg.train.backend == "local" and cfg.al.strategy == s
+
+
+def test_compare_star_against_star_with_self_training(tiny_model_dir, ray_local, tmp_path, capsys):
+    """NAME+st runs NAME with LiST on, a plain name with it off, whatever the config says; both get a curve."""
+    path, cfg = config_file(tiny_model_dir, tmp_path / "tiny.yaml")
+    data = yaml.safe_load(path.read_text())
+    data["self_training"] = {**data["self_training"], "enabled": True, "sessions": 1, "steps": 2, "batch_size": 4,
+                             "meta_batch": 2, "warmup_fraction": 0.5}
+    path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "cmp"
+    assert deft(["compare", str(path), "--strategies", "star,star+st", "--seeds", "0", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["strategies"] == ["star", "star+st"] and set(summary["aulc"]) == {"star", "star+st"}
+    plain, st = RunDir(out / "star-seed0"), RunDir(out / "star+st-seed0")
+    assert not plain.read_config().self_training.enabled and st.read_config().self_training.enabled
+    assert st.read_config().al.strategy == "star"
+    assert not (plain.round_dir(0) / "self_training").exists()
+    assert (st.round_dir(1) / "self_training" / "0" / "adapter" / "adapter_model.safetensors").is_file()
+    assert [m["labels"] for m in st.read_metrics()] == [m["labels"] for m in plain.read_metrics()] == [6, 11]
+    assert "self_training" in st.read_metrics()[1] and "self_training" not in plain.read_metrics()[1]
+    assert summary["phase_s"]["star+st"]["self_training_s"] > 0 == summary["phase_s"]["star"]["self_training_s"]
+    assert "of which self-training" in (out / "compare.md").read_text()
+    assert deft(["compare", str(path), "--strategies", "bogus+st", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "al.strategy should be one of" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -23,6 +23,7 @@ def tok():
 
 
 def lora_model(model_dir, dtype=torch.float32, dropout=0.0):
+    torch.manual_seed(0)  # LoRA A's init draws from the global generator: the same model in any test order
     model = attach_lora(load_model(model_dir, ModelConfig(name=model_dir, dtype="float32")), LoraConfig(r=4, dropout=dropout),
                         adapter_dtype_follows_base=False)
     load_adapter_state(model, trained_like_adapter(adapter_state(model), seed=1, scale=0.3))  # B != 0: real gradients
@@ -91,7 +92,7 @@ def test_meta_gradient_matches_finite_differences(tiny_model_dir, tok):
             zm, gold = label_word_logits(*_window(functional_call(model, stepped, args=(), kwargs=_kw(gb)).logits, gb), ids)
             return torch.nn.functional.cross_entropy(zm, gold).item()
 
-    h = 1e-3
+    h = 3e-3
     numeric = []
     for i in range(3):
         e = torch.zeros(3, dtype=torch.float64)
@@ -100,7 +101,7 @@ def test_meta_gradient_matches_finite_differences(tiny_model_dir, tok):
     # Llama's RMSNorm computes in float32 even in a float64 model, so the differences carry ~1e-7 relative
     # rounding of the loss: about 1e-5 absolute at this step. The three values differ far more than that.
     assert analytic.tolist() == pytest.approx(numeric, rel=1e-3, abs=2e-5)
-    assert min(abs(x) for x in numeric) > 1e-3  # the check is not comparing zeros
+    assert max(abs(x) for x in numeric) > 1e-3 and len({round(x, 4) for x in numeric}) == 3  # not zeros, not one value
     assert meta_gradient(model, pb, teacher, gb, ids, 2 * meta_lr).tolist() == pytest.approx((2 * analytic).tolist(), rel=1e-5)
     w = meta_weights(model, pb, teacher, gb, ids, meta_lr)
     clamped = torch.clamp(analytic, min=0)

@@ -124,3 +124,16 @@ def test_kill_inside_a_session_resumes_to_the_same_adapter(tiny_model_dir, score
             sub = f"self_training/{s}"
             assert digest(RunDir(path).round_dir(k) / sub / "adapter") == digest(RunDir(ref_path).round_dir(k) / sub / "adapter")
         assert digest(RunDir(path).adapter_dir(k)) == digest(RunDir(ref_path).adapter_dir(k))
+
+
+def test_min_confidence_filters_the_pseudo_labels(tiny_model_dir, scorer, reference, tmp_path):
+    """self_training.min_confidence (beyond LiST, off by default) keeps only rows the teacher is sure of."""
+    ref_pseudo = read_parquet(RunDir(reference[0]).round_dir(0) / "self_training" / "0" / "pseudo.parquet")
+    threshold = float(np.median(ref_pseudo.column("confidence").to_numpy()))  # the same teacher: about half pass
+    cfg = config(tiny_model_dir, sessions=1, min_confidence=threshold)
+    cfg.al.rounds = 1
+    ActiveLearningRun(cfg, tmp_path / "run", scorer=scorer).run()
+    pseudo = read_parquet(RunDir(tmp_path / "run").round_dir(0) / "self_training" / "0" / "pseudo.parquet")
+    kept = [c for c in ref_pseudo.column("confidence").to_pylist() if c >= threshold]
+    assert 0 < pseudo.num_rows == len(kept) < ref_pseudo.num_rows
+    assert min(pseudo.column("confidence").to_pylist()) >= threshold
