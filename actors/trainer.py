@@ -20,7 +20,10 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from cluster.runtime import quiet_libraries
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig, from_dict
+
+quiet_libraries()  # Ray Train workers import this module: the driver's filters (-v: none)
 
 IGNORE = -100
 

@@ -16,7 +16,46 @@ WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 # which adds 3-4 s to the end of every fit (0.5 s: under 1 s); the preemption watcher is one more
 # process started per fit. The driver's environment is what Ray Train passes to its controller.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DEFT_CACHE", "TORCH_EXTENSIONS_DIR", "HF_HOME")
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DEFT_CACHE", "TORCH_EXTENSIONS_DIR",
+               "HF_HOME", "DEFT_VERBOSE")
+
+
+def verbose() -> bool:
+    """`deft -v` (DEFT_VERBOSE=1): Ray workers' output comes to the console too, and every log line."""
+    return os.environ.get("DEFT_VERBOSE") == "1"
+
+
+class _Without(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Filter known-harmless library chatter at its source, in the driver and in every actor (each says
+    why it is harmless). `deft -v` keeps all of it."""
+    if verbose():
+        return
+    import warnings
+
+    # PEFT 0.21 reads `is_gradient_checkpointing`, which transformers 5 renamed: a rename, nothing to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # Ray Data's DataContext warns about its own deprecated fields each time it is copied; deft sets none.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
+    # DeepSpeed says it fell back to the CPU accelerator, at import, on every machine without CUDA: that is
+    # the CPU path deft chose (a GPU worker detects CUDA and never says it).
+    logging.getLogger("DeepSpeed").addFilter(_Without("Setting accelerator to CPU"))
+    # transformers 5 draws a "Loading weights" bar per model load: per scorer and per training round.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def runtime_env() -> dict:
@@ -29,7 +68,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, temp_
     """Start or join Ray once per process and return the `ray` module.
 
     address None and no RAY_ADDRESS: an embedded local Ray with nothing to set up (no dashboard, no
-    usage stats). Otherwise join that cluster; num_cpus/temp_dir only apply to the embedded case.
+    usage stats), reachable from this machine only (every port on 127.0.0.1). Otherwise join that cluster; num_cpus/temp_dir only apply to the embedded case.
     """
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)
@@ -40,20 +79,43 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, temp_
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True)
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=verbose())
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    loopback_only(ray)
     kwargs = {"_temp_dir": os.path.abspath(temp_dir)} if temp_dir else {}
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
         runtime_env=runtime_env(),
-        log_to_driver=True,
+        # Workers' stdout/stderr stay in Ray's log files (logs_dir()) unless -v: forwarded, they bury deft's
+        # own lines under Ray Train reports, Ray Data stats and library warnings. Errors still reach the
+        # driver as exceptions, with their cause (pipeline.errors).
+        log_to_driver=verbose(),
         configure_logging=False,
         **kwargs,
     )
     log.info("started embedded Ray: %s", ray.cluster_resources())
     return ray
+
+
+def loopback_only(ray) -> None:
+    """Make an embedded Ray listen on 127.0.0.1 only: GCS, raylet, object manager, workers, the dashboard
+    agent and its metrics endpoint, the runtime-env agent. Ray 2.60 has no bind-address option; it binds
+    everything to the node IP, which is 127.0.0.1 only when its "cluster mode" is off (on Linux it is on,
+    so the node IP is the routable one and gRPC servers listen on [::]). Measured with psutil: with this,
+    every listener of the instance is loopback. The flag is read at `import ray` (hence the constant)
+    and by every Ray process the node starts (hence the environment)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def logs_dir() -> Optional[str]:
+    """Where this node's Ray keeps worker logs, if Ray runs here."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node.get_logs_dir_path() if ray.is_initialized() and node is not None else None
 
 
 def shutdown() -> None:

@@ -1,7 +1,7 @@
 """The `deft` command.
 
     deft run CONFIG [--set key=value ...] [--run-dir DIR]   start an active-learning run
-    deft resume RUN                                        continue a killed or waiting run
+    deft resume RUN [--set key=value ...]                  continue a killed or waiting run (--set: paths, cluster)
     deft status RUN                                        where a run is, and its metrics so far
     deft label export RUN [--out FILE]                     (human oracle) the file to fill in
     deft label import RUN FILE [--allow-partial]           (human oracle) validate and take labels
@@ -13,7 +13,8 @@
     deft bench scoring|training|recipe [ARGS ...]          benchmarks (see benchmarks/)
 
 On a cluster, `ray job submit --working-dir . -- deft run CONFIG` joins the job's cluster (RAY_ADDRESS).
-Exit codes: 0 done, 2 bad input (the message names the file, line or field), 3 waiting for human labels.
+Exit codes: 0 done, 1 failed (a dead worker; the run resumes), 2 bad input (the message names the file, line or
+key), 3 waiting for human labels, 130 interrupted. Errors are one `deft: error:` line; -v adds the traceback.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -54,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", default="0,1,2", help="comma-separated (default: 0,1,2)")
     c.add_argument("--out", required=True, help="the comparison's directory; running again resumes it")
     c.add_argument("--parallel", type=int, help="runs at once (default: one per GPU on multi-GPU clusters, else 1)")
-    sub.add_parser("resume", help="continue a run from its recorded phase").add_argument("run")
+    res = sub.add_parser("resume", help="continue a run from its recorded phase")
+    res.add_argument("run")
+    res.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="change a key that is safe to change mid-run: paths, cluster, scoring batch size")
     sub.add_parser("status", help="show a run's phase and metrics").add_argument("run")
     rep = sub.add_parser("report", help="write report.md and learning_curve.png; print AULC")
     rep.add_argument("runs", nargs="+", help="the first run gets the files; the curve has a line per run")
@@ -130,8 +135,9 @@ def cmd_run(args, config_path) -> int:
     cfg = _config(config_path, args.overrides, args.address)
     name = Path(config_path).stem
     run_dir = args.run_dir or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args.run_dir_used = run_dir
     print(f"run dir: {run_dir}")
-    return _drive(ActiveLearningRun(cfg, run_dir), fresh=True)
+    return _drive(ActiveLearningRun(cfg, run_dir, echo=print), fresh=True)
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -160,7 +166,7 @@ def cmd_compare(args, config_path, strategies: list[str], seeds: list[int], out:
 def cmd_resume(args) -> int:
     from pipeline.loop import ActiveLearningRun
 
-    return _drive(ActiveLearningRun.open(args.run), fresh=False)
+    return _drive(ActiveLearningRun.open(args.run, args.overrides, echo=print), fresh=False)
 
 
 def cmd_status(args) -> int:
@@ -184,6 +190,9 @@ def cmd_report(args) -> int:
     runs = [RunDir(r) for r in args.runs]
     for r in runs:
         r.read_config()  # a clear error for a path that is not a run
+    if not any(curve_points(r) for r in runs):
+        raise ValueError(f"{runs[0].path}: no round has been evaluated yet, so there is nothing to report "
+                         f"(`deft status {runs[0].path}` shows where it is)")
     report, curve, _ = write_report(runs[0], runs[1:])
     for r in runs:
         area = aulc(curve_points(r))
@@ -205,19 +214,19 @@ def _labeling_round(run_dir):
 
 
 def cmd_label(args) -> int:
-    import shutil
-
-    from pipeline.oracles import export_to_label, import_labels
+    from pipeline.oracles import export_copy, export_to_label, import_labels
 
     run, k, ids = _labeling_round(args.run)
-    if args.label_command == "export":
-        path = export_to_label(run.run_dir, k, ids, run.pool)
-        if args.out:
-            shutil.copyfile(path, args.out)
-        print(f"{len(ids)} examples to label: {args.out or path}")
-        return 0
-    run.run_dir.lock()
+    run.run_dir.lock()  # export and import both write into the run: one process at a time
     try:
+        if args.label_command == "export":
+            path = run.run_dir.to_label_file(k)
+            if not path.is_file():  # an existing one may already hold a person's labels: it is never rewritten
+                export_to_label(run.run_dir, k, ids, run.pool)
+            if args.out:
+                export_copy(path, args.out)
+            print(f"{len(ids)} examples to label: {args.out or path}")
+            return 0
         counts = import_labels(run.run_dir, k, args.file, ids, run.task, args.allow_partial)
     finally:
         run.run_dir.unlock()
@@ -232,20 +241,18 @@ def cmd_label(args) -> int:
 def cmd_score(args) -> int:
     import pyarrow as pa
 
-    from actors.model import resolve_model_path
-    from cluster.runtime import connect
-    from pipeline.data import pool_from_config
     from pipeline.io import write_parquet
+    from pipeline.preflight import preflight
     from pipeline.scoring import PoolScorer
     from pipeline.strategies import measure_column
     from pipeline.tasks import get_task
 
     cfg = _config(args.config, args.overrides, args.address)
     task = get_task(cfg.task)
-    pool = pool_from_config(cfg.data, task, cfg.seed, require_label=False)
     measure = measure_column(task.kind, cfg.al.measure)
-    connect(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.temp_dir)
-    scorer = PoolScorer(cfg, resolve_model_path(cfg.model))
+    checked = preflight(cfg, task, need_labels=False, test=False)  # also connects to Ray, checks the plan
+    pool = checked.pool
+    scorer = PoolScorer(cfg, checked.model_path)
     t0 = time.perf_counter()
     base = scorer.score(pool.for_scoring(), "base")
     lora = scorer.score(pool.for_scoring(), "lora")
@@ -269,29 +276,74 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from pipeline.oracles import LabelImportError
-    from pipeline.run_dir import RunLocked
+    from pipeline.errors import BAD_INPUT, describe
 
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _console(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:  # results Ray holds for tasks a failure made moot are not news: the failure is
+        os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
     try:
-        if args.command == "run":
-            return cmd_run(args, args.config)
-        if args.command == "quickstart":
-            return cmd_compare(args, str(CONFIGS / "quickstart.yaml"), ["random", "star"], _ints(args.seeds, "seeds"), args.out)
-        if args.command == "compare":
-            strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-            return cmd_compare(args, args.config, strategies, _ints(args.seeds, "seeds"), args.out)
-        handler = {"resume": cmd_resume, "status": cmd_status, "report": cmd_report, "label": cmd_label,
-                   "score": cmd_score, "bench": cmd_bench}[args.command]
-        return handler(args)
-    except (ConfigError, DataError, LabelImportError, RunLocked, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"deft: error: {e}", file=sys.stderr)
-        return 2
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("deft: interrupted", file=sys.stderr)
+        _hint_resume(args)
+        return 130
+    except Exception as e:  # the one error surface: a line, the traceback only with -v
+        message, code = describe(e)
+        if args.verbose:
+            traceback.print_exception(e)
+        print(f"deft: error: {message}", file=sys.stderr)
+        if code != BAD_INPUT:
+            _hint_resume(args)
+            if not args.verbose:
+                print("deft: run again with -v for the traceback", file=sys.stderr)
+        return code
 
+
+def _console(verbose: bool) -> None:
+    """The console: warnings and deft's own lines (progress bars, a line per round); -v: every log line and
+    Ray workers' output. A run's full driver log goes to RUN/logs/driver.log either way."""
+    from cluster.runtime import quiet_libraries
+
+    os.environ["DEFT_VERBOSE"] = "1" if verbose else "0"
+    root = logging.getLogger()
+    if not any(getattr(h, "deft_console", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.deft_console = True
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    for h in root.handlers:
+        if getattr(h, "deft_console", False):
+            h.setLevel(logging.INFO if verbose else logging.WARNING)
+    root.setLevel(logging.INFO)
+    quiet_libraries()
+
+
+def _dispatch(args) -> int:
+    if args.command == "run":
+        return cmd_run(args, args.config)
+    if args.command == "quickstart":
+        return cmd_compare(args, str(CONFIGS / "quickstart.yaml"), ["random", "star"], _ints(args.seeds, "seeds"), args.out)
+    if args.command == "compare":
+        strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+        return cmd_compare(args, args.config, strategies, _ints(args.seeds, "seeds"), args.out)
+    handler = {"resume": cmd_resume, "status": cmd_status, "report": cmd_report, "label": cmd_label,
+               "score": cmd_score, "bench": cmd_bench}[args.command]
+    return handler(args)
+
+
+def _hint_resume(args) -> None:
+    """After a run that stopped mid-way: where it is, and that nothing is lost."""
+    from pipeline.run_dir import RunDir
+
+    path = getattr(args, "run_dir_used", None) or (getattr(args, "run", None) if args.command == "resume" else None)
+    if path and RunDir(path).exists():
+        state = RunDir(path).read_state()
+        print(f"deft: the run stopped in round {state.round}, phase {state.phase}; every finished phase is saved. "
+              f"Continue with: deft resume {path}", file=sys.stderr)
+    elif args.command in ("compare", "quickstart"):
+        print(f"deft: finished runs are kept; the same command resumes the comparison in {args.out}", file=sys.stderr)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -95,7 +95,10 @@ def compare(
 ) -> dict:
     """Run (or resume) every strategy x seed under `out`, write compare.md / compare.png / compare.json,
     and return the summary (also the last line `deft compare` prints)."""
+    from cluster.runtime import logs_dir
     from pipeline.loop import ActiveLearningRun
+    from pipeline.preflight import preflight
+    from pipeline.tasks import get_task
 
     out = Path(out)
     configs = _check_plan(cfg, strategies, seeds)
@@ -105,6 +108,7 @@ def compare(
     if parallel is not None and parallel > 1 and cfg.train.backend == "local":
         raise ConfigError("compare: --parallel > 1 needs train.backend=ray: in-process training runs in the "
                           "driver, and concurrent runs there would share its random state")
+    preflight(cfg, get_task(cfg.task), need_labels=cfg.al.oracle == "simulated")  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "compare.yaml", yaml.safe_dump(
         {"strategies": strategies, "seeds": seeds, "config": to_dict(cfg)}, sort_keys=False))
@@ -118,6 +122,7 @@ def compare(
     lanes = _lanes(cfg, parallel, len(todo))
     queue = list(todo)
     lock = threading.Lock()
+    said_logs: list = []
 
     def lane(index: int) -> None:
         scorer = None
@@ -131,7 +136,12 @@ def compare(
                     scorer = _scorer(run_cfg, lanes)
                 name = run_dir_name(strategy, seed)
                 echo(f"[compare] {name}: {'resuming' if RunDir(out / name).exists() else 'starting'}")
-                run = ActiveLearningRun(run_cfg, out / name, scorer=scorer, base_cache=out / "base_scores.parquet")
+                if not said_logs:
+                    said_logs.append(True)
+                    where = logs_dir()
+                    echo(f"[compare] logs: {out}/<run>/logs/driver.log" + (f"; Ray's worker logs: {where}" if where else ""))
+                run = ActiveLearningRun(run_cfg, out / name, scorer=scorer, base_cache=out / "base_scores.parquet",
+                                        echo=lambda line, name=name: echo(f"[compare] {name}: {line}"), say_logs=False)
                 t = time.perf_counter()
                 run.resume() if run.run_dir.exists() else run.run()
                 echo(f"[compare] {name}: done in {time.perf_counter() - t:.0f}s; {_last(run.run_dir)}")
@@ -252,6 +262,12 @@ def _label_saving(curves: dict[str, list[dict]]) -> dict:
     target = curves["random"][-1]["accuracy"]["mean"]
     mean_curve = {s: [(p["labels"], p["accuracy"]["mean"]) for p in c] for s, c in curves.items()}
     random_needs = labels_to_reach(mean_curve["random"], target)
+    if not random_needs:  # reached at 0 labels: the base model was already as good as random ever got
+        base = mean_curve["random"][0][1]
+        none = {"labels": None, "pct_of_random": None, "saving_pct": None}
+        return {"target_accuracy": target, "label_saving": {s: dict(none) for s in mean_curve},
+                "label_saving_note": f"not measurable: random's final mean accuracy ({target:.3f}) does not beat the "
+                                     f"base model's ({base:.3f}), so reaching it takes no labels"}
     saving = {}
     for s, curve in mean_curve.items():
         needs = labels_to_reach(curve, target)
@@ -291,6 +307,8 @@ def render_markdown(summary: dict) -> str:
     lines += ["", "## Label saving", ""]
     if summary["target_accuracy"] is None:
         lines.append("Needs `random` among the strategies: the saving is measured against it.")
+    elif summary.get("label_saving_note"):
+        lines.append(f"Label saving is {summary['label_saving_note']}.")
     else:
         lines += [f"Labels each mean curve needs to reach random's final mean accuracy "
                   f"({summary['target_accuracy']:.3f}), as a % of what random's own curve needs.", "",
@@ -323,7 +341,9 @@ def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
     for x in labels:
         echo(f"{x:>6} " + "".join(f"{_pm(by[s][x]) if x in by[s] else '—':>{width}}" for s in strategies))
     echo(f"{'AULC':>6} " + "".join(f"{_pm(summary['aulc'][s]):>{width}}" for s in strategies))
-    if summary["target_accuracy"] is not None:
+    if summary.get("label_saving_note"):
+        echo(f"label saving: {summary['label_saving_note']}")
+    elif summary["target_accuracy"] is not None:
         echo(f"label saving (labels to reach random's final accuracy {summary['target_accuracy']:.3f}):")
         for s in strategies:
             ls = summary["label_saving"][s]

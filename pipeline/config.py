@@ -5,6 +5,9 @@ Every error names the dotted field and the bad value, e.g. "scoring.mc_passes sh
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ class ModelConfig:
     attention_dropout: float = 0.0  # >0 also drops attention in MC passes (Llama has no other dropout)
     max_length: int = 512  # prompt+answer tokens; longer prompts are truncated from the left
     cache_dir: Optional[str] = None  # where converted weights live; default $DEFT_CACHE or ~/.cache/deft
+    allow_download: bool = False  # fetch model.name from the Hugging Face hub; off: local dirs and the HF cache only
 
     def __post_init__(self):
         _require(bool(self.name), "model.name should be a HF id or a directory, got ''")
@@ -73,6 +77,14 @@ class TaskConfig:
         _require(self.answer_field not in self.input_fields,
                  f"task.answer_field '{self.answer_field}' is also in task.input_fields {self.input_fields}: "
                  "the prompt would contain the answer")
+        _check_template(self.prompt_template, self.input_fields)
+        if self.answer_regex:
+            try:
+                groups = re.compile(self.answer_regex).groups
+            except re.error as e:
+                raise ConfigError(f"task.answer_regex is not a valid regular expression ({e}): {self.answer_regex!r}") from None
+            _require(groups >= 1, f"task.answer_regex needs a group around the answer, e.g. '####\\s*(\\d+)'; "
+                                  f"got {self.answer_regex!r}")
         if self.kind != "verbalizer":
             return
         _require(len(self.labels) >= 2, f"task.labels should list at least 2 labels for a verbalizer task, got {self.labels}")
@@ -88,6 +100,23 @@ class TaskConfig:
         return "generation" if self.name == "gsm8k" or (self.name == "custom" and self.kind == "generation") else "verbalizer"
 
 
+def _check_template(template: str, input_fields: list[str]) -> None:
+    """task.prompt_template may only name input fields, by name ({question}), and must name at least one."""
+    try:
+        parsed = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise ConfigError(f"task.prompt_template is not a valid template ({e}); write literal braces as {{{{ }}}}: "
+                          f"{template!r}") from None
+    _require(all(f and not f.isdigit() for f in parsed),
+             f"task.prompt_template has a positional field {{}}: name the input field instead, e.g. {{{input_fields[0]}}}")
+    names = {f.split(".")[0].split("[")[0] for f in parsed}
+    _require(names <= set(input_fields),
+             f"task.prompt_template uses {sorted(names - set(input_fields))}, which are not in task.input_fields {input_fields}")
+    _require(bool(names), f"task.prompt_template names no input field: every prompt would be the same. Got {template!r}")
+    _require(all(f in input_fields for f in parsed),
+             f"task.prompt_template fields are plain names: got {sorted(set(parsed) - set(input_fields))}")
+
+
 @dataclass
 class DataConfig:
     path: str = "demo"  # JSONL/Parquet/CSV file, "hf:<id>[:<config>]:<split>", or "demo"
@@ -96,6 +125,7 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"  # skip: drop bad rows, count and report them
     limit: Optional[int] = None  # use only the first N good rows
     demo_size: int = 400  # rows of the generated demo pool
+    allow_download: bool = False  # load an "hf:" dataset from the hub; off: only what the datasets cache holds
 
     def __post_init__(self):
         _require(self.limit is None or self.limit > 0, f"data.limit should be positive, got {self.limit}")
@@ -250,6 +280,11 @@ class SelfTrainingConfig:
                  f"self_training.min_confidence should be in [0, 1), got {self.min_confidence}")
 
 
+# Ray's longest socket path under its temp dir is "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store"
+# (about 63 bytes), and a Unix socket path has at most 107.
+MAX_RAY_TEMP_DIR = 107 - 64
+
+
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS, else an embedded local Ray
@@ -260,6 +295,11 @@ class ClusterConfig:
 
     def __post_init__(self):
         _require(0.0 <= self.scorer_cpus, f"cluster.scorer_cpus should be >= 0, got {self.scorer_cpus}")
+        _require(self.temp_dir is None or len(os.path.abspath(self.temp_dir)) <= MAX_RAY_TEMP_DIR,
+                 f"cluster.temp_dir is too long for Ray ({len(os.path.abspath(self.temp_dir or ''))} characters; at most "
+                 f"{MAX_RAY_TEMP_DIR}): Ray puts Unix sockets under it, and a socket path has at most 107 bytes")
+        _require(self.num_cpus is None or self.num_cpus >= 1,
+                 f"cluster.num_cpus should be >= 1 (nothing can be scheduled on 0 CPUs), got {self.num_cpus}")
 
 
 @dataclass
@@ -343,6 +383,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where} should be a number, got {value!r}")
         return float(value)
     if tp is str:
+        _require(not isinstance(value, bool), f"{where} should be a string, got {value!r}: YAML reads yes/no/true/false/"
+                 "on/off as booleans; quote it, e.g. 'true'")
         _require(isinstance(value, str), f"{where} should be a string, got {value!r}")
         return value
     return value
@@ -407,3 +449,36 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         _require(isinstance(data, dict), f"{p}: the top level should be a mapping")
     data = apply_overrides(data, overrides or [])
     return from_dict(Config, data)
+
+
+# What `deft resume RUN --set KEY=VALUE` may change: where things are and how the work is spread, never
+# what the run measures. A section name allows every key in it.
+RESUME_KEYS = ("data.path", "data.test_path", "model.name", "model.cache_dir", "cluster", "scoring.batch_size",
+               "scoring.num_actors", "train.backend", "train.num_workers")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_KEYS)
+
+
+def resume_config(cfg: Config, overrides: list[str]) -> Config:
+    """`cfg` (a run's frozen config) with `overrides` applied; a key that would change what the run measures
+    is refused, naming the keys that may change."""
+    for text in overrides:
+        path, _ = parse_override(text)
+        key = ".".join(path)
+        _require(_resumable(key),
+                 f"--set {key}: cannot change in a run that has started (it changes what the run measures); start a "
+                 f"new run instead. A resume may change: {', '.join(k + ('.*' if '.' not in k else '') for k in RESUME_KEYS)}")
+    return from_dict(Config, apply_overrides(to_dict(cfg), overrides))
+
+
+def resume_hint(error: Exception, run: str | Path) -> str:
+    """What to do when a run's frozen config no longer works: the key named first in the error, if a resume
+    may change it."""
+    key = str(error).split(":", 1)[0].strip()
+    if key.startswith("--set"):
+        return "The run is unchanged."
+    if "." in key and " " not in key and _resumable(key):
+        return f"The run is unchanged. Fix it, or point the run elsewhere: deft resume {run} --set {key}=..."
+    return "The run is unchanged; this config cannot change mid-run. Fix the file it names, or start a new run."

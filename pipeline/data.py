@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -87,22 +88,34 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | BadRow]]
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         start = 2
-        for row in reader:
-            if None in row:
-                yield start, BadRow("<csv>", f"{len(row[None])} more value(s) than header columns")
-            else:
-                yield start, row
-            start = reader.line_num + 1
+        try:
+            for row in reader:
+                if None in row:
+                    yield start, BadRow("<csv>", f"{len(row[None])} more value(s) than header columns")
+                else:
+                    yield start, row
+                start = reader.line_num + 1
+        except UnicodeDecodeError as e:  # the reader decodes ahead of its records: the line is approximate
+            raise DataError(f"{path}: not UTF-8 text near line {max(start, reader.line_num + 1)}: {e.reason} "
+                            f"(byte 0x{e.object[e.start]:02x}); re-save the file as UTF-8") from None
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: unreadable CSV: {e}") from None
 
 
 def _read_hf(spec: str) -> Iterator[tuple[int, dict]]:
-    import datasets
-
     parts = spec[len("hf:"):].split(":")
     if len(parts) not in (2, 3):
         raise DataError(f"{spec}: expected hf:<dataset id>[:<config>]:<split>")
     name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-    ds = datasets.load_dataset(name, config, split=split)
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline misses, unknown ids/splits and hub errors all come as different types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        hint = " (deft is offline: set data.allow_download: true to fetch it)" if offline else ""
+        raise DataError(f"{spec}: cannot load the dataset: {first}{hint}") from None
     for i, row in enumerate(ds):
         yield i + 1, row
 
@@ -127,7 +140,11 @@ def read_rows(source: str, demo_size: int = 400, seed: int = 0, split: str = "po
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        yield from _read_table(pq.read_table(path), first_line=1)
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+        yield from _read_table(table, first_line=1)
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
     else:

@@ -17,11 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import Config
-from pipeline.data import Pool, eval_split_from_config, pool_from_config
+from pipeline.config import Config, ConfigError, resume_config, resume_hint
+from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
 from pipeline.io import read_parquet, write_json, write_parquet
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
+from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
 from pipeline.scoring import base_uncertainty
 from pipeline.strategies import MEASURE_COLUMNS, RoundScores, get_strategy, measure_column, select
@@ -29,9 +30,6 @@ from pipeline.tasks import get_task
 from pipeline.uncertainty import LambdaSchedule
 
 log = logging.getLogger(__name__)
-# The generated demo data is the same for every run seed, like a file: a run's seed varies what is
-# selected and how the adapter trains, not what there is to learn or what it is tested on.
-DATA_SEED = 0
 
 
 class NeedsLabels(Exception):
@@ -46,11 +44,15 @@ class ActiveLearningRun:
         hook: Optional[Callable[[int, str, str], None]] = None,
         scorer=None,
         base_cache: Optional[Path] = None,
+        echo: Optional[Callable[[str], None]] = None,
+        say_logs: bool = True,
     ):
         """`hook(round, phase, "before"|"after")` runs around every phase (tests use it to kill a run).
         `scorer`: an existing PoolScorer to use (and leave running); by default the run starts its own.
         `base_cache`: a base-model score file shared by several runs (`deft compare`): the frozen base
-        model's outputs depend on the prompt alone, so rows another run scored are not scored again."""
+        model's outputs depend on the prompt alone, so rows another run scored are not scored again.
+        `echo`: where the one-line summary of each round goes (the CLI prints it); `say_logs`: start by
+        echoing where the logs are (RUN/logs/driver.log, and Ray's worker logs)."""
         self.cfg, self.run_dir, self.hook = cfg, RunDir(run_dir), hook or (lambda k, phase, when: None)
         self.task = get_task(cfg.task)
         self.strategy = get_strategy(cfg.al.strategy, self.task.kind, cfg.al.measure, self._schedule())
@@ -59,25 +61,49 @@ class ActiveLearningRun:
         self.base_cache = Path(base_cache) if base_cache is not None else None
         self._pool = self._test = self._model_path = None
         self._scorer, self._own_scorer = scorer, scorer is None
+        self._changed = False  # open(..., overrides) changed the frozen config; resume() records it
+        self.echo, self.say_logs = echo or (lambda line: None), say_logs
 
     @classmethod
-    def open(cls, run_dir: str | Path, **kw) -> "ActiveLearningRun":
-        return cls(RunDir(run_dir).read_config(), run_dir, **kw)
+    def open(cls, run_dir: str | Path, overrides: Optional[list[str]] = None, **kw) -> "ActiveLearningRun":
+        """The run in `run_dir`, with its frozen config. `overrides` (key=value) may change only what is safe
+        to change mid-run (paths, cluster, scoring batch size: RESUME_KEYS); resume() then records them."""
+        cfg = RunDir(run_dir).read_config()
+        run = cls(resume_config(cfg, overrides) if overrides else cfg, run_dir, **kw)
+        run._changed = bool(overrides)
+        return run
 
     # ---- public API ------------------------------------------------------------------------------------
     def run(self) -> list[dict]:
-        """Start a new run in an empty directory and carry it to the end."""
-        if self.run_dir.exists():
-            raise FileExistsError(f"{self.run_dir.path} already holds a run; use `deft resume {self.run_dir.path}`")
-        self.run_dir.lock()
-        self.run_dir.write_config(self.cfg)
-        self.run_dir.write_state(RunState())
+        """Start a new run in a new (or empty) directory and carry it to the end. Everything that can be
+        checked is checked before the directory exists: a run that fails to start leaves nothing behind."""
+        self.run_dir.refuse_existing()
+        self.check()
+        self.run_dir.create(self.cfg)
         return self._drive()
 
     def resume(self) -> list[dict]:
-        """Continue from the phase recorded in state.json."""
+        """Continue from the phase recorded in state.json, after the same checks as a new run."""
+        done = self.run_dir.read_state().phase == "done"  # also a clear error for a path that is not a run
+        try:
+            self.check(start_scorers=not done)
+            self._check_labels_in_pool()
+        except (ConfigError, DataError) as e:
+            raise type(e)(f"{e}\n{resume_hint(e, self.run_dir.path)}") from None
         self.run_dir.lock()
+        if self._changed:
+            self.run_dir.write_config(self.cfg)
         return self._drive()
+
+    def check(self, start_scorers: bool = True) -> None:
+        """Validate, then create: load the pool and the test split, check the model and its label words,
+        and start the scorers (their resource plan is checked against the cluster first). Raises
+        ConfigError or DataError naming the key or file; writes nothing."""
+        checked = preflight(self.cfg, self.task, need_labels=self.cfg.al.oracle == "simulated",
+                            cluster=self._scorer is None)
+        self._pool, self._test, self._model_path = checked.pool, checked.test, checked.model_path
+        if start_scorers:  # a model that loads on the driver but not in an actor fails here, before the run exists
+            self.scorer
 
     @property
     def metrics(self) -> list[dict]:
@@ -95,6 +121,7 @@ class ActiveLearningRun:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def _drive(self) -> list[dict]:
+        log_file = self._log_to_file()
         try:
             state = self.run_dir.read_state()
             while state.phase != "done":
@@ -107,9 +134,34 @@ class ActiveLearningRun:
                 self.hook(k, phase, "after")
                 state = self._advance(state)
                 self.run_dir.write_state(state)
+                if phase == "evaluating":
+                    self.echo(round_summary(self.run_dir, k))
             return self.metrics
         finally:
             self.close()
+            root = logging.getLogger()
+            root.removeHandler(log_file)
+            root.setLevel(log_file.root_level)
+            log_file.close()
+
+    def _log_to_file(self) -> logging.Handler:
+        """Every log line of the driver goes to RUN/logs/driver.log (the console shows warnings only,
+        unless -v). Ray's worker logs stay where Ray keeps them."""
+        from cluster.runtime import logs_dir
+
+        path = self.run_dir.path / "logs" / "driver.log"
+        path.parent.mkdir(exist_ok=True)
+        handler = logging.FileHandler(path)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        handler.root_level = root.level  # restored when the run ends
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)  # console handlers keep their own level (pipeline.cli: warnings only)
+        if self.say_logs:
+            self.echo(f"logs: {path}" + (f"; Ray's worker logs: {logs_dir()}" if logs_dir() else ""))
+        return handler
 
     def _advance(self, state: RunState) -> RunState:
         k, phase = state.round, state.phase
@@ -231,6 +283,15 @@ class ActiveLearningRun:
         self.run_dir.put_metrics(line)
 
     # ---- helpers ---------------------------------------------------------------------------------------
+    def _check_labels_in_pool(self) -> None:
+        """A resumed run's labelled examples must all still be in the pool (data.path may have moved)."""
+        if not self.run_dir.labeled_file.is_file():
+            return
+        lost = set(self.run_dir.read_labeled().column("example_id").to_pylist()) - set(self.pool.example_ids)
+        if lost:
+            raise DataError(f"data.path: {self.cfg.data.path} lacks {len(lost)} of this run's labelled examples "
+                            f"(e.g. {sorted(lost)[:3]}); a resumed run needs the pool it started with")
+
     def _evaluate_adapter(self, k: Optional[int]) -> dict:
         """Accuracy and ECE on the test split; k=None evaluates the base model (adapter disabled)."""
         t0 = time.perf_counter()
@@ -290,9 +351,7 @@ class ActiveLearningRun:
     @property
     def model_path(self) -> str:
         if self._model_path is None:
-            from actors.model import resolve_model_path
-
-            self._model_path = resolve_model_path(self.cfg.model)
+            self._model_path = check_model(self.cfg.model)
         return self._model_path
 
     @property
@@ -305,6 +364,15 @@ class ActiveLearningRun:
             connect(c.address, c.num_cpus, c.temp_dir)
             self._scorer = PoolScorer(self.cfg, self.model_path)
         return self._scorer
+
+
+def round_summary(run_dir: RunDir, k: int) -> str:
+    """One line for round k: labels, accuracy, ECE and where the time went."""
+    line = next((m for m in run_dir.read_metrics() if m["round"] == k), {})
+    acc = f"accuracy {line['accuracy']:.3f}, ECE {line['ece']:.3f}" if line.get("accuracy") is not None else "not evaluated"
+    t = _read_json(run_dir.round_dir(k) / "timings.json")
+    times = ", ".join(f"{p} {t[f'{p}_s']:.0f}s" for p in ("scoring", "training", "evaluating") if t.get(f"{p}_s") is not None)
+    return f"round {k}: {line.get('labels', '?')} labels, {acc} ({times})"
 
 
 def _aligned(scored: pa.Table, table: pa.Table, column: str) -> np.ndarray:

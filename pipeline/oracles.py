@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 
@@ -47,6 +48,38 @@ def export_to_label(run: RunDir, round: int, example_ids: list[str], pool: Pool)
     return path
 
 
+def filled_labels(path: str | Path) -> Optional[int]:
+    """How many rows of a label file have a label filled in; None if it is not a deft label file at all."""
+    count = 0
+    try:
+        for raw in Path(path).read_text(encoding="utf-8").splitlines():
+            if raw.strip():
+                row = json.loads(raw)
+                label = row.get("label") if isinstance(row, dict) else None
+                if not isinstance(row, dict) or "example_id" not in row:
+                    return None
+                count += label is not None and str(label).strip() != ""
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return count
+
+
+def export_copy(source: Path, out: str | Path) -> None:
+    """Copy the file to label to `out`, never over a file that holds labels (or anything but a blank one)."""
+    out = Path(out)
+    if out.exists() and out.resolve() == source.resolve():
+        return
+    if out.exists():
+        filled = filled_labels(out)
+        if filled is None:
+            raise LabelImportError(f"{out} exists and is not an empty deft label file; deft will not replace it. "
+                                   "Choose another --out")
+        if filled:
+            raise LabelImportError(f"{out} holds {filled} filled label(s); deft never overwrites labels. Import it "
+                                   "with `deft label import`, or choose another --out")
+    write_text(out, source.read_text(encoding="utf-8"))
+
+
 def _normalise_label(task: Task, raw: str) -> str:
     if isinstance(task, VerbalizerTask):
         return task.parse_label(raw)
@@ -60,7 +93,12 @@ def parse_label_file(path: str | Path, expected: list[str], task: Task) -> dict[
     if not path.is_file():
         raise LabelImportError(f"label file not found: {path}")
     wanted, labels, first, errors = set(expected), {}, {}, []
-    for line_no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise LabelImportError(f"{path}:{line}: not UTF-8 text ({e.reason}); re-save the file as UTF-8") from None
+    for line_no, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:

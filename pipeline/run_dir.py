@@ -11,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -74,10 +76,50 @@ class RunDir:
     def imported_file(self, k: int) -> Path:
         return self.round_dir(k) / "imported.parquet"
 
-    # ---- lock ------------------------------------------------------------------------------------------
+    # ---- creation and lock -----------------------------------------------------------------------------
+    def create(self, cfg: Config) -> "RunDir":
+        """Make the run directory with its config and first state, all at once, and hold its lock.
+
+        Everything is written into a hidden sibling, locked there, and renamed into place: the directory
+        either does not exist or is a whole run, whatever kills the process. An existing empty directory
+        is taken (rename replaces it); anything else at the path is refused and left as it is."""
+        self.refuse_existing()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.creating-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        staged = RunDir(tmp)
+        try:
+            staged.lock()
+            staged.write_config(cfg)
+            staged.write_state(RunState())
+            os.rename(tmp, self.path)
+        except OSError as e:
+            staged.unlock()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{self.path}: cannot create the run directory: {e.strerror}") from None
+        except BaseException:
+            staged.unlock()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self._lock_fd, staged._lock_fd = staged._lock_fd, None  # the lock is on the file, which moved with it
+        return self
+
+    def refuse_existing(self) -> None:
+        """A clear error if the path is taken: a run already, a file, or a directory with something in it."""
+        if self.exists():
+            raise FileExistsError(f"{self.path} already holds a run; use `deft resume {self.path}`")
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"{self.path} is a file; the run directory should be a new or empty directory")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            raise FileExistsError(f"{self.path} is not empty and holds no run; choose a new directory")
+
     def lock(self) -> "RunDir":
-        """One driver per run: a second one fails at once instead of interleaving writes."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        """One driver per run: a second one fails at once instead of interleaving writes. The lock is an
+        flock, so a driver that dies (even by SIGKILL) releases it with its process; a stale .lock file
+        left behind locks nothing. The file names the holder: pid and host."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: no such run directory")
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,7 +128,7 @@ class RunDir:
             os.close(fd)
             raise RunLocked(f"{self.path} is in use by {holder}; wait for it or stop it first") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._lock_fd = fd
         return self
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 
 PROGRESS_STEPS = 4  # shards per actor per call: progress granularity; the blocks themselves do not change
+# A scorer that dies (OOM killer, a lost node) is restarted by Ray up to this many times per actor, and its
+# shards are scored again; a score is a pure function of (block, mode, seed, adapter), so the result is
+# the same as if it had never died.
+MAX_RESTARTS = 3
+START_TIMEOUT_S = 30.0  # scorers still unplaced after this long, for want of resources, are an error
 
 
 class ScoringError(RuntimeError):
@@ -83,8 +88,9 @@ class PoolScorer:
         self.cfg = cfg
         self.plan = plan or plan_resources(ray.cluster_resources(), cfg.scoring.num_actors, cfg.cluster.scorer_cpus,
                                            train_workers=cfg.train.num_workers)
-        remote = ray.remote(Scorer).options(num_cpus=self.plan.scorer_cpus, num_gpus=self.plan.scorer_gpus)
-        kwargs = dict(
+        self._remote = ray.remote(Scorer).options(num_cpus=self.plan.scorer_cpus, num_gpus=self.plan.scorer_gpus,
+                                                  max_restarts=MAX_RESTARTS)
+        self._kwargs = dict(
             model_path=model_path,
             model=to_dict(cfg.model),
             lora=to_dict(cfg.lora),
@@ -94,9 +100,34 @@ class PoolScorer:
             seed=cfg.seed,
         )
         t0 = time.perf_counter()
-        self.actors = [remote.remote(**kwargs) for _ in range(self.plan.num_scorers)]
-        self.info()  # waits for every model to load, so a load error surfaces here
+        self._adapter = None  # the object-store reference of the current adapter, for restarted actors
+        self.deaths = 0  # shards scored again because their actor died
+        self.actors = [self._remote.remote(**self._kwargs) for _ in range(self.plan.num_scorers)]
+        self._wait_started()  # waits for every model to load, so a load error surfaces here
         log.info("%s ready in %.1fs", self.plan.describe(), time.perf_counter() - t0)
+
+    def _wait_started(self) -> None:
+        """Wait for every scorer to load its model. Scorers Ray cannot place (the resources they ask for are
+        held elsewhere) are an error after START_TIMEOUT_S instead of a wait without end."""
+        import ray
+
+        pending = [a.info.remote() for a in self.actors]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=5.0)
+            ray.get(done)
+            if pending and time.monotonic() > deadline and not self._placeable():
+                raise ScoringError(
+                    f"{len(pending)} of {len(self.actors)} scorers could not be placed in {START_TIMEOUT_S:.0f} s: each asks "
+                    f"for {self.plan.scorer_cpus:g} CPU and {self.plan.scorer_gpus:g} GPU; the cluster has "
+                    f"{ray.available_resources()} free of {ray.cluster_resources()}")
+
+    def _placeable(self) -> bool:
+        """Whether the free resources could hold one more scorer (then a slow start is a slow model load)."""
+        import ray
+
+        free = ray.available_resources()
+        return free.get("CPU", 0) >= self.plan.scorer_cpus and free.get("GPU", 0) >= self.plan.scorer_gpus
 
     def info(self) -> list[dict]:
         import ray
@@ -107,14 +138,35 @@ class PoolScorer:
         """Put the adapter into the object store once; every actor swaps it in from the same reference."""
         import ray
 
-        ref = ray.put(state)
-        versions = ray.get([a.set_adapter.remote(ref) for a in self.actors])
+        self._adapter = ray.put(state)
+        versions = ray.get([a.set_adapter.remote(self._adapter) for a in self.actors])
         return versions[0]
 
-    def score(self, table: pa.Table, mode: str, progress: bool = True, seed: Optional[int] = None) -> pa.Table:
-        """One row per example_id of `table` (example_id, prompt), in `table`'s order. `seed` seeds the MC
-        dropout masks (default: the config's), so runs of several seeds can share these actors."""
+    def _revive(self, i: int) -> None:
+        """Make actor i usable again after it died: Ray restarts it (a fresh __init__, so the model loads
+        again and the adapter is sent again); past its restarts, a new actor takes its place."""
         import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in range(2):
+            try:
+                ray.get(self.actors[i].set_adapter.remote(self._adapter) if self._adapter is not None
+                        else self.actors[i].info.remote())
+                return
+            except RayActorError:
+                if attempt:
+                    raise
+                log.warning("scorer %d is gone for good; starting a new one", i)
+                self.actors[i] = self._remote.remote(**self._kwargs)
+
+    def score(self, table: pa.Table, mode: str, progress: bool = True, seed: Optional[int] = None,
+              on_part: Optional[Callable[[int, int], None]] = None) -> pa.Table:
+        """One row per example_id of `table` (example_id, prompt), in `table`'s order. `seed` seeds the MC
+        dropout masks (default: the config's), so runs of several seeds can share these actors. A scorer
+        that dies mid-call is revived and its shards scored again (exactly once in the result).
+        `on_part(actor index, rows)` is called as each shard comes back."""
+        import ray
+        from ray.exceptions import RayActorError
 
         if table.column_names != SCORER_COLUMNS:
             raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {table.column_names}")
@@ -133,13 +185,30 @@ class PoolScorer:
         sizes = [sum(b.num_rows for b in blocks) for _, blocks in pieces]
         shards = ds.split_at_indices([sum(sizes[: i + 1]) for i in range(len(sizes) - 1)])
         seed = self.cfg.seed if seed is None else seed
-        refs = {a.score_shard.remote(shard, mode, seed): n for (a, _), shard, n in zip(pieces, shards, sizes)}
-        parts, pending = [], list(refs)
+        index = {id(a): i for i, a in enumerate(self.actors)}
+        work = [(index[id(a)], shard, n) for (a, _), shard, n in zip(pieces, shards, sizes)]
+        refs = {self.actors[i].score_shard.remote(shard, mode, seed): (i, shard, n) for i, shard, n in work}
+        parts, pending, deaths = [], list(refs), 0
         with tqdm(total=table.num_rows, desc=f"scoring ({mode})", unit="row", disable=not progress, leave=False) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
-                parts.append(ray.get(done[0]))
-                bar.update(refs[done[0]])
+                i, shard, n = refs.pop(done[0])
+                try:
+                    parts.append(ray.get(done[0]))
+                except RayActorError as e:  # the actor died mid-shard: score that shard again, on a revived actor
+                    deaths += 1
+                    self.deaths += 1
+                    if deaths > MAX_RESTARTS * len(self.actors):
+                        raise
+                    log.warning("scorer %d died (%s); scoring its shard of %d rows again", i, type(e).__name__, n)
+                    self._revive(i)
+                    ref = self.actors[i].score_shard.remote(shard, mode, seed)
+                    refs[ref] = (i, shard, n)
+                    pending.append(ref)
+                    continue
+                bar.update(n)
+                if on_part is not None:
+                    on_part(i, n)
         result = pa.concat_tables([p for p in parts if p is not None], promote_options="default")
         ids = table.column("example_id").to_pylist()
         check_exactly_once(ids, result)

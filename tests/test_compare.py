@@ -41,6 +41,12 @@ def test_label_saving_by_hand():
     assert out["label_saving"]["random"]["labels"] == pytest.approx(30.0)
     assert out["label_saving"]["star"]["labels"] == pytest.approx(20.0)
     assert out["label_saving"]["star"]["pct_of_random"] == pytest.approx(100 * 20 / 30)
+    assert "label_saving_note" not in out
+
+    # BoolQ on the small model: training only lowered accuracy, so random's target is met at 0 labels
+    flat = _label_saving({"random": curve(0.70, 0.69, 0.64, 0.61), "star": curve(0.70, 0.69, 0.66, 0.60)})
+    assert flat["label_saving"]["star"] == {"labels": None, "pct_of_random": None, "saving_pct": None}
+    assert "does not beat the base model's (0.700)" in flat["label_saving_note"]
 
 
 def config_file(model_dir, path):

@@ -99,6 +99,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tiny_model_dir, scorer, 
 
 
 def test_a_second_driver_is_locked_out(tiny_model_dir, tmp_path):
+    (tmp_path / "run").mkdir()
     rd = RunDir(tmp_path / "run").lock()
     try:
         with pytest.raises(RunLocked, match="in use by pid"):
@@ -174,6 +175,56 @@ def test_human_oracle_export_bad_import_good_import_resume(tiny_model_dir, score
     ids = [r["example_id"] for r in exported]
     assert {r["example_id"]: r["label"] for r in labeled} == dict(zip(ids, ["true", "false", "false", "true"]))
     assert {r["source"] for r in labeled} == {"human"} and rd.read_state().phase == "done"
+
+
+def test_labels_filled_in_place_survive_export_and_are_imported(tiny_model_dir, scorer, tmp_path, capsys):
+    """A person fills rounds/0/to_label.jsonl itself: export copies it (labels and all) and never rewrites
+    it, a second export refuses to replace the copy that now holds labels, and import takes the file."""
+    cfg = loop_config(tiny_model_dir, al={"oracle": "human", "rounds": 1, "initial_size": 4})
+    path = tmp_path / "run"
+    with pytest.raises(NeedsLabels):
+        ActiveLearningRun(cfg, path, scorer=scorer).run()
+    rd = RunDir(path)
+    to_label = rd.to_label_file(0)
+    _write(to_label, _fill(to_label, ["true", "false", "false", "true"]))  # filled in place
+    filled = to_label.read_text()
+    copy = tmp_path / "copy.jsonl"
+    assert deft(["label", "export", str(path), "--out", str(copy)]) == 0
+    assert to_label.read_text() == filled and copy.read_text() == filled  # 4 labels stay 4 labels
+
+    assert deft(["label", "export", str(path), "--out", str(copy)]) == 2
+    assert "holds 4 filled label(s); deft never overwrites labels" in capsys.readouterr().err
+    assert copy.read_text() == filled
+
+    assert deft(["label", "import", str(path), str(to_label)]) == 0
+    ActiveLearningRun.open(path, scorer=scorer).resume()
+    assert [r["label"] for r in rd.read_labeled().to_pylist()] == ["true", "false", "false", "true"]
+    assert rd.read_state().phase == "done"
+
+
+def test_a_moved_pool_is_named_on_resume_and_resume_set_points_the_run_at_it(tiny_model_dir, scorer, tmp_path, capsys):
+    from pipeline.demo import demo_rows
+
+    first = _write(tmp_path / "a.jsonl", list(demo_rows(40, 0, "pool")))
+    path = tmp_path / "run"
+
+    def stop(k, phase, when):
+        if (k, phase, when) == (1, "scoring", "before"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ActiveLearningRun(loop_config(tiny_model_dir, data={"path": str(first)}), path, scorer=scorer, hook=stop).run()
+    moved = first.rename(tmp_path / "b.jsonl")
+    config_before = (path / "config.yaml").read_bytes()
+    assert deft(["resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.path: data file not found" in err and f"deft resume {path} --set data.path=..." in err
+    assert deft(["resume", str(path), "--set", "al.rounds=3"]) == 2
+    assert "--set al.rounds: cannot change in a run that has started" in capsys.readouterr().err
+    assert (path / "config.yaml").read_bytes() == config_before  # refused resumes change nothing
+    assert deft(["resume", str(path), "--set", f"data.path={moved}"]) == 0
+    assert RunDir(path).read_config().data.path == str(moved) and RunDir(path).read_state().phase == "done"
+    assert RunDir(path).read_labeled().num_rows == 11
 
 
 def test_allow_partial_continues_with_what_is_labelled(tiny_model_dir, scorer, tmp_path):

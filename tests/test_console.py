@@ -1,0 +1,63 @@
+"""What a person sees: a run's console holds deft's own lines (a progress bar per phase, a line per round,
+where the logs are) and none of Ray's or the libraries' chatter; -v brings the workers' output back."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import to_dict
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+NOISE = re.compile(r"PlacementGroupCleaner|FutureWarning|DeprecationWarning|TrainingReport\(|execution finished|"
+                   r"Loading weights|Setting accelerator|\(RayTrainWorker|\(Scorer|Traceback")
+
+
+def _deft(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ADDRESS": ""}
+    env.pop("DEFT_VERBOSE", None)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _config(tmp_path: Path, model_dir: str, **train) -> Path:
+    cfg = tiny_config(model_dir, data={"path": "demo", "test_path": "demo", "demo_size": 30},
+                      al={"initial_size": 6, "batch_size": 5, "rounds": 2, "eval_limit": 12},
+                      train={"epochs": 1, "batch_size": 4, **train},
+                      cluster={"num_cpus": 2, "temp_dir": tempfile.mkdtemp(prefix="deft-console-")})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return path
+
+
+def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    done = _deft("run", str(_config(tmp_path, tiny_model_dir, backend="ray")), "--run-dir", str(run))
+    console = (done.stdout + done.stderr).replace("\r", "\n")
+    assert done.returncode == 0, console
+    noise = [line for line in console.splitlines() if NOISE.search(line)]
+    assert not noise, "\n".join(noise[:20])
+    assert re.search(r"^round 0: 6 labels, accuracy \d\.\d{3}, ECE \d\.\d{3} \(scoring \d+s, training \d+s, evaluating \d+s\)$",
+                     console, re.M), console
+    assert re.search(r"^round 1: 11 labels, accuracy", console, re.M), console
+    assert len(re.findall(r"^logs: .*driver\.log; Ray's worker logs: ", console, re.M)) == 1, console
+    log = (run / "logs" / "driver.log").read_text()
+    assert "round 1: training" in log  # the driver's own log lines went to the file, not the console
+
+
+def test_verbose_brings_the_workers_output_back(tmp_path, tiny_model_dir):
+    cfg = str(_config(tmp_path, tiny_model_dir))
+    quiet, loud = _deft("score", cfg, "--top", "2"), _deft("-v", "score", cfg, "--top", "2")
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
+    assert "(Scorer pid=" not in quiet.stdout + quiet.stderr
+    assert "(Scorer pid=" in loud.stdout + loud.stderr  # Ray forwards the scoring actors' output again
+    assert "INFO" in loud.stderr  # and every log line
