@@ -239,13 +239,13 @@ class ActiveLearningRun:
             self._train_gold(k, table, self.run_dir.adapter_dir(k))
             return
         from pipeline.self_training import RoundSelfTraining
-        from pipeline.training import ADAPTER_FILE, _install_dir
+        from pipeline.training import ADAPTER_FILE, install_dir
 
         st = RoundSelfTraining(self, k)
         if not (st.teacher_dir() / ADAPTER_FILE).is_file():  # resumed: the teacher is already trained
             self._train_gold(k, table, st.teacher_dir())
         summary = st.run_sessions(table)
-        _install_dir(str(self.run_dir.path / summary["final"]), self.run_dir.adapter_dir(k))
+        install_dir(str(self.run_dir.path / summary["final"]), self.run_dir.adapter_dir(k))
         path = self.run_dir.round_dir(k) / "train_metrics.json"
         write_json(path, {**_read_json(path), "self_training": summary})
 

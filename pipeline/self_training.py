@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import Config, to_dict
 from pipeline.io import read_parquet, write_json, write_parquet
-from pipeline.training import (ADAPTER_FILE, TrainResult, _install_dir, fit_with_ray_train, read_adapter_state,
+from pipeline.training import (ADAPTER_FILE, TrainResult, install_dir, fit_with_ray_train, read_adapter_state,
                                train_adapter, train_adapter_in_process)
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class RoundSelfTraining:
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 metrics = train_student_in_process(loop, rows.to_pylist(), gold.to_pylist(), tmp)
-                _install_dir(tmp, out)
+                install_dir(tmp, out)
             metrics["fit_s"] = time.perf_counter() - t0
             return TrainResult(out, read_adapter_state(out), metrics)
         plan = self.run.scorer.plan

@@ -36,7 +36,7 @@ def read_adapter_state(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor
     return load_file(str(Path(adapter_dir) / ADAPTER_FILE))
 
 
-def _install_dir(src: str, dst: Path) -> None:
+def install_dir(src: str, dst: Path) -> None:
     """Copy a finished checkpoint dir into place atomically (temp dir + rename)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
@@ -79,7 +79,7 @@ def train_adapter_in_process(
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         metrics = train_in_process(loop, labeled.select(TRAIN_COLUMNS).to_pylist(), tmp)
-        _install_dir(tmp, Path(out_dir))
+        install_dir(tmp, Path(out_dir))
     metrics["fit_s"] = time.perf_counter() - t0
     metrics["overhead_s"] = metrics["fit_s"] - metrics["train_s"]
     return TrainResult(Path(out_dir), read_adapter_state(out_dir), metrics)
@@ -131,7 +131,7 @@ def fit_with_ray_train(cfg: Config, loop, datasets: dict[str, pa.Table], out_dir
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without an adapter checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as ckpt:
-        _install_dir(ckpt, Path(out_dir))
+        install_dir(ckpt, Path(out_dir))
     metrics = dict(result.metrics or {})
     metrics["fit_s"] = fit_s
     metrics["overhead_s"] = fit_s - metrics.get("train_s", 0.0)
