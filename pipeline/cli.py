@@ -3,7 +3,8 @@
     deft run CONFIG [--set key=value ...] [--run-dir DIR]   start an active-learning run
     deft resume RUN [--set key=value ...]                  continue a killed or waiting run (--set: paths, cluster)
     deft status RUN                                        where a run is, and its metrics so far
-    deft label export RUN [--out FILE]                     (human oracle) the file to fill in
+    deft label export RUN [--format F] [--out FILE]        (human oracle) the file to fill in; F: jsonl,
+                                                           label-studio, argilla
     deft label import RUN FILE [--allow-partial]           (human oracle) validate and take labels
     deft report RUN [RUN ...]                              report.md, learning_curve.png, AULC
     deft score CONFIG [--set ...] [--out FILE]             score a pool once and show the most uncertain
@@ -30,8 +31,17 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WAITING_FOR_LABELS = 3
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the one shape every deft error has: `deft: error: <subcommand>: <message>`."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        where = self.prog.removeprefix("deft").strip()
+        self.exit(2, f"deft: error: {where + ': ' if where else ''}{message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deft", description="Data-efficient fine-tuning: STAR active learning with LoRA on Ray")
+    p = _Parser(prog="deft", description="Data-efficient fine-tuning: STAR active learning with LoRA on Ray")
     p.add_argument("-v", "--verbose", action="store_true", help="log every phase")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -66,8 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     lab = sub.add_parser("label", help="human labelling").add_subparsers(dest="label_command", required=True)
     ex = lab.add_parser("export", help="write the current round's file to label")
     ex.add_argument("run")
-    ex.add_argument("--out", help="copy it here too")
-    im = lab.add_parser("import", help="validate a filled file and take its labels")
+    ex.add_argument("--format", choices=["jsonl", "label-studio", "argilla"], default="jsonl",
+                    help="jsonl: deft's own file; label-studio: tasks + labelling config; argilla: records")
+    ex.add_argument("--out", help="write it here (jsonl: a copy; the run keeps its own)")
+    im = lab.add_parser("import", help="validate a filled file (deft JSONL, Label Studio or Argilla export) and take its labels")
     im.add_argument("run")
     im.add_argument("file")
     im.add_argument("--allow-partial", action="store_true", help="continue the round with only the rows labelled so far")
@@ -214,11 +226,16 @@ def _labeling_round(run_dir):
 
 
 def cmd_label(args) -> int:
-    from pipeline.oracles import export_copy, export_to_label, import_labels
+    from pipeline.oracles import export_copy, export_for_tool, export_to_label, import_labels
 
     run, k, ids = _labeling_round(args.run)
     run.run_dir.lock()  # export and import both write into the run: one process at a time
     try:
+        if args.label_command == "export" and args.format != "jsonl":
+            paths = export_for_tool(run.run_dir, k, ids, run.pool, run.task, args.format, args.out)
+            print(f"{len(ids)} examples to label in {args.format} format: " + ", ".join(str(p) for p in paths))
+            print(f"Label them, export the result from the tool, then: deft label import {args.run} FILE")
+            return 0
         if args.label_command == "export":
             path = run.run_dir.to_label_file(k)
             if not path.is_file():  # an existing one may already hold a person's labels: it is never rewritten
@@ -230,7 +247,8 @@ def cmd_label(args) -> int:
         counts = import_labels(run.run_dir, k, args.file, ids, run.task, args.allow_partial)
     finally:
         run.run_dir.unlock()
-    print(f"imported {counts['imported']} labels; {counts['labelled']} of {counts['expected']} labelled for round {k}.")
+    votes = f"; up to {counts['annotators']} annotators a row, {counts['split']} row(s) decided by majority" if counts["annotators"] > 1 else ""
+    print(f"imported {counts['imported']} labels ({counts['format']}{votes}); {counts['labelled']} of {counts['expected']} labelled for round {k}.")
     if counts["labelled"] < counts["expected"] and not args.allow_partial:
         print("The round continues once every row is labelled, or import again with --allow-partial.")
     else:
@@ -278,7 +296,10 @@ def cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import BAD_INPUT, describe
 
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and its one `deft: error:` line (or --help)
+        return int(e.code or 0)
     _console(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.verbose:  # results Ray holds for tasks a failure made moot are not news: the failure is

@@ -181,7 +181,7 @@ class ActiveLearningRun:
         if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
             write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
         n, lora_columns = unlabeled.num_rows, {}
-        u_base = u_lora = None
+        u_base = u_lora = base = lora = None
         cold_by_base = k == 0 and self.cfg.al.initial == "base_uncertainty"
         if self.strategy.uses_base or cold_by_base:  # scored once, in round 0, and cached
             base = base_uncertainty(self.scorer, self.pool.for_scoring(), self.run_dir.base_uncertainty_file, self.base_cache)
@@ -195,12 +195,17 @@ class ActiveLearningRun:
                 lora_columns = {f"lora_{c}": _aligned(lora, unlabeled, c) for c in sorted(set(MEASURE_COLUMNS[self.task.kind].values()))}
                 u_lora = lora_columns[f"lora_{self.strategy.measure}"]
             score = self.strategy.acquisition(RoundScores(n, u_base, u_lora, adapter=k - 1), self._rng(k, "strategy"))
+        # The newest model's own answer and confidence, shown to annotators beside each row (label export);
+        # null where this round scored nothing (random, the cold start).
+        newest = lora if lora is not None else base
         write_parquet(self.run_dir.scores_file(k), pa.table({
             "example_id": unlabeled.column("example_id"),
             "u_lora": pa.array(u_lora if u_lora is not None else [None] * n, pa.float64()),
             "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
             "score": pa.array(score, pa.float64()),
             **{name: pa.array(v, pa.float64()) for name, v in lora_columns.items()},
+            "prediction": pa.array(_aligned_values(newest, unlabeled, "prediction"), pa.string()),
+            "confidence": pa.array(_aligned_values(newest, unlabeled, "confidence"), pa.float64()),
         }))
 
     def _selecting(self, k: int) -> None:
@@ -226,7 +231,8 @@ class ActiveLearningRun:
                 path = export_to_label(self.run_dir, k, ids, self.pool)
             raise NeedsLabels(
                 f"round {k}: {len(ids) - len(labels)} of {len(ids)} examples need labels. Fill the \"label\" "
-                f"fields of {path}, then run:\n  deft label import {self.run_dir.path} {path}\n  deft resume {self.run_dir.path}"
+                f"fields of {path} (or label them in Label Studio or Argilla: deft label export {self.run_dir.path} "
+                f"--format label-studio|argilla), then run:\n  deft label import {self.run_dir.path} {path}\n  deft resume {self.run_dir.path}"
             )
         self.run_dir.add_labels(pa.Table.from_pylist(
             [{"example_id": e, "label": labels[e], "round_added": k, "source": "human"} for e in ids if e in labels]))
@@ -375,9 +381,16 @@ def round_summary(run_dir: RunDir, k: int) -> str:
     return f"round {k}: {line.get('labels', '?')} labels, {acc} ({times})"
 
 
-def _aligned(scored: pa.Table, table: pa.Table, column: str) -> np.ndarray:
+def _aligned_values(scored: Optional[pa.Table], table: pa.Table, column: str) -> list:
+    """`scored[column]` in `table`'s row order (all None if nothing was scored)."""
+    if scored is None:
+        return [None] * table.num_rows
     values = dict(zip(scored.column("example_id").to_pylist(), scored.column(column).to_pylist()))
-    return np.array([values[e] for e in table.column("example_id").to_pylist()], dtype=np.float64)
+    return [values[e] for e in table.column("example_id").to_pylist()]
+
+
+def _aligned(scored: pa.Table, table: pa.Table, column: str) -> np.ndarray:
+    return np.array(_aligned_values(scored, table, column), dtype=np.float64)
 
 
 def _self_training_line(summary: dict) -> dict:

@@ -2,8 +2,9 @@
 
 simulated  reveals the pool's hidden label column, and only for the ids selected this round.
 human      writes rounds/k/to_label.jsonl (example_id, prompt, empty label) and stops the run; a person
-           fills it in and `deft label import RUN FILE` validates it. A bad file changes nothing and the
-           error names its line.
+           fills it in, or labels the round in Label Studio or Argilla (`deft label export --format`,
+           pipeline/label_formats.py), and `deft label import RUN FILE` validates it. A bad file changes
+           nothing and the error names its line or task.
 """
 from __future__ import annotations
 
@@ -15,14 +16,13 @@ import pyarrow as pa
 
 from pipeline.data import Pool
 from pipeline.io import read_parquet, write_parquet, write_text
+from pipeline.label_formats import (FORMATS, Decision, ExportRow, LabelImportError, argilla_records, decide,
+                                    label_studio_config, label_studio_tasks, read_items)
 from pipeline.run_dir import LABELED_SCHEMA, RunDir
 from pipeline.tasks import BadRow, Task, VerbalizerTask
 
-IMPORTED_SCHEMA = pa.schema([("example_id", pa.string()), ("label", pa.string())])
-
-
-class LabelImportError(ValueError):
-    pass
+IMPORTED_SCHEMA = pa.schema([("example_id", pa.string()), ("label", pa.string()), ("annotators", pa.int64()),
+                             ("agreement", pa.float64())])
 
 
 class SimulatedOracle:
@@ -49,19 +49,12 @@ def export_to_label(run: RunDir, round: int, example_ids: list[str], pool: Pool)
 
 
 def filled_labels(path: str | Path) -> Optional[int]:
-    """How many rows of a label file have a label filled in; None if it is not a deft label file at all."""
-    count = 0
+    """How many rows of a deft label file have a label filled in; None if it is not one (or not readable)."""
     try:
-        for raw in Path(path).read_text(encoding="utf-8").splitlines():
-            if raw.strip():
-                row = json.loads(raw)
-                label = row.get("label") if isinstance(row, dict) else None
-                if not isinstance(row, dict) or "example_id" not in row:
-                    return None
-                count += label is not None and str(label).strip() != ""
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        kind, items, problems = read_items(path)
+    except (OSError, LabelImportError):
         return None
-    return count
+    return None if kind != "jsonl" or problems else sum(bool(i.votes) for i in items)
 
 
 def export_copy(source: Path, out: str | Path) -> None:
@@ -80,66 +73,79 @@ def export_copy(source: Path, out: str | Path) -> None:
     write_text(out, source.read_text(encoding="utf-8"))
 
 
+def export_rows(run: RunDir, round: int, example_ids: list[str], pool: Pool) -> list[ExportRow]:
+    """The round's selected rows with their acquisition score and, where the round scored the pool, the
+    newest model's answer and confidence (scores.parquet; older runs lack them)."""
+    prompts = dict(zip(pool.example_ids, pool.table.column("prompt").to_pylist()))
+    selected = read_parquet(run.selected_file(round)).to_pylist()
+    score = {r["example_id"]: r["score"] for r in selected}
+    scores = read_parquet(run.scores_file(round)) if run.scores_file(round).is_file() else None
+    model = {}
+    if scores is not None and "prediction" in scores.column_names:
+        model = {r["example_id"]: r for r in scores.select(["example_id", "prediction", "confidence"]).to_pylist()}
+    return [ExportRow(e, prompts[e], score.get(e), model.get(e, {}).get("prediction"), model.get(e, {}).get("confidence"))
+            for e in example_ids]
+
+
+def export_for_tool(run: RunDir, round: int, example_ids: list[str], pool: Pool, task: Task, fmt: str,
+                    out: Optional[str | Path] = None) -> list[Path]:
+    """Write the round's rows for Label Studio (tasks + labelling config) or Argilla (records); returns the
+    paths. These files hold no labels and are the same each time, so an existing one is only replaced by
+    identical content: a file that differs is refused."""
+    rows = export_rows(run, round, example_ids, pool)
+    if fmt == "label-studio":
+        tasks = Path(out) if out else run.round_dir(round) / "to_label.label-studio.json"
+        files = {tasks: json.dumps(label_studio_tasks(rows, task, round), indent=1, ensure_ascii=False) + "\n",
+                 tasks.with_name(tasks.stem + ".label_config.xml"): label_studio_config(task)}
+    elif fmt == "argilla":
+        records = Path(out) if out else run.round_dir(round) / "to_label.argilla.json"
+        files = {records: json.dumps(argilla_records(rows, round), indent=1, ensure_ascii=False) + "\n"}
+    else:
+        raise LabelImportError(f"--format should be one of {list(FORMATS)}, got {fmt!r}")
+    for path, text in files.items():
+        if path.exists() and (not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text):
+            raise LabelImportError(f"{path} exists and differs from this export; deft will not replace it. Choose another --out")
+    for path, text in files.items():
+        write_text(path, text)
+    return list(files)
+
+
 def _normalise_label(task: Task, raw: str) -> str:
     if isinstance(task, VerbalizerTask):
         return task.parse_label(raw)
     return raw.strip()  # generation: the answer text itself (trained on as written)
 
 
-def parse_label_file(path: str | Path, expected: list[str], task: Task) -> dict[str, str]:
-    """{example_id: label} for the filled rows of `path`. Every problem is collected, each with its line;
-    any problem raises LabelImportError and nothing is imported."""
-    path = Path(path)
-    if not path.is_file():
-        raise LabelImportError(f"label file not found: {path}")
-    wanted, labels, first, errors = set(expected), {}, {}, []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise LabelImportError(f"{path}:{line}: not UTF-8 text ({e.reason}); re-save the file as UTF-8") from None
-    for line_no, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(f"{path}:{line_no}: undecodable JSON: {e}")
-            continue
-        eid = row.get("example_id") if isinstance(row, dict) else None
-        if eid is None:
-            errors.append(f"{path}:{line_no}: missing field 'example_id'")
-        elif eid not in wanted:
-            errors.append(f"{path}:{line_no}: unknown example_id {eid!r}: not selected for labelling this round")
-        elif eid in first:
-            errors.append(f"{path}:{line_no}: duplicate example_id {eid!r} (first at line {first[eid]})")
-        else:
-            first[eid] = line_no
-            label = row.get("label")
-            if label is None or (isinstance(label, str) and not label.strip()):
-                continue  # left blank: not labelled yet
-            try:
-                labels[eid] = _normalise_label(task, str(label))
-            except BadRow as e:
-                errors.append(f"{path}:{line_no}: {str(e).split(': ', 1)[1]}")
+def parse_label_file(path: str | Path, expected: list[str], round: int, task: Task) -> tuple[str, dict[str, Decision]]:
+    """(format, {example_id: decision}) for the answered rows of a deft, Label Studio or Argilla file.
+    Every problem is collected, each with its line or task; any problem raises LabelImportError and
+    nothing is imported."""
+    kind, items, problems = read_items(path)
+    decisions, more = decide(items, expected, round, task, path, _normalise_label)
+    errors = problems + more
     if errors:
         raise LabelImportError(f"{len(errors)} problem(s) in {path}; nothing was imported:\n  " + "\n  ".join(errors[:20]))
-    return labels
+    return kind, decisions
 
 
 def import_labels(run: RunDir, round: int, path: str | Path, expected: list[str], task: Task, allow_partial: bool) -> dict:
-    """Validate `path` and merge its labels into rounds/k/imported.parquet (earlier partial imports stay)."""
-    labels = parse_label_file(path, expected, task)
-    if not labels:
+    """Validate `path` and merge its labels into rounds/k/imported.parquet (earlier partial imports stay;
+    a row answered again takes the newer answer). Each row records how many annotators answered it and
+    the winning label's share of their answers."""
+    kind, decisions = parse_label_file(path, expected, round, task)
+    if not decisions:
         raise LabelImportError(f"{path}: no row has a label; nothing was imported")
     current = read_parquet(run.imported_file(round)).to_pylist() if run.imported_file(round).is_file() else []
-    merged = {r["example_id"]: r["label"] for r in current}
-    merged.update(labels)
-    write_parquet(run.imported_file(round), pa.Table.from_pylist(
-        [{"example_id": e, "label": merged[e]} for e in expected if e in merged], schema=IMPORTED_SCHEMA))
+    merged = {r["example_id"]: r for r in current}
+    merged.update({e: {"example_id": e, "label": d.label, "annotators": d.annotators, "agreement": d.agreement}
+                   for e, d in decisions.items()})
+    rows = [{"annotators": 1, "agreement": 1.0, **merged[e]} for e in expected if e in merged]
+    write_parquet(run.imported_file(round), pa.Table.from_pylist(rows, schema=IMPORTED_SCHEMA))
     if allow_partial:
         write_text(run.round_dir(round) / "allow_partial", "")
-    return {"imported": len(labels), "labelled": len(merged), "expected": len(expected)}
+    votes = [d.annotators for d in decisions.values()]
+    return {"format": kind, "imported": len(decisions), "labelled": len(merged), "expected": len(expected),
+            "annotators": max(votes), "split": sum(d.agreement < 1 for d in decisions.values())}
 
 
 def imported_labels(run: RunDir, round: int) -> tuple[dict[str, str], bool]:

@@ -5,7 +5,8 @@ culprit, a non-zero exit, no traceback, and a workspace byte-identical to before
 
 argv placeholders (literal braces doubled: {{question}}): {cfg} a valid tiny-model config, {dir} the workspace, {model} the tiny model,
 {run} a run directory that does not exist yet, {waiting} a run waiting for human labels, {done} a run
-that has state but never evaluated. `files` are written into the workspace first ({dir}/<name>).
+that has state but never evaluated. `files` are written into the workspace first ({dir}/<name>), with
+@id0@, @id1@, .. replaced by the waiting round's example ids.
 """
 from __future__ import annotations
 
@@ -41,6 +42,13 @@ class Case:
     files: dict = field(default_factory=dict)
     ray: bool = False
 
+
+LS_ANN = '{{"id": 1, "completed_by": 1, "was_cancelled": false, "result": [{{"from_name": "label", "to_name": "prompt", "type": "choices", "value": {{"choices": ["{}"]}}}}]}}'
+LS_TASK = '[{{"id": {id}, "data": {{"prompt": "p", "example_id": "{eid}", "deft_round": {rnd}}}, "annotations": [{ann}]}}]'
+AG_FLAT = ('{{"id": "{eid}", "status": "completed", "_server_id": null, "prompt": "p", "example_id": "{eid}", "deft_round": 0, '
+           '"label.responses": {values}, "label.responses.status": {status}}}\n')
+AG_NESTED = ('{{"id": "{eid}", "fields": {{"prompt": "p"}}, "metadata": {{"example_id": "{eid}", "deft_round": 0}}, "suggestions": {{}}, '
+             '"responses": {{"label": [{{"value": "true", "user_id": "u1"}}]}}, "vectors": {{}}, "status": "completed"}}')
 
 CASES = [
     # ---- config ----------------------------------------------------------------------------------------
@@ -151,11 +159,50 @@ CASES = [
          {"mine.jsonl": '{"example_id": "a", "prompt": "p", "label": "true"}\n'}),
     Case("label-export-over-other-file", "label export {waiting} --out {dir}/notes.md", "is not an empty deft label file",
          {"notes.md": "# my notes\n"}),
+    Case("label-export-bad-format", "label export {waiting} --format csv", "invalid choice: 'csv'"),
+    Case("label-export-tool-over-other-file", "label export {waiting} --format label-studio --out {dir}/notes.json",
+         "notes.json exists and differs from this export", {"notes.json": "[]\n"}),
+    # Label Studio: files shaped like its JSON export; @id0@.. are the waiting round's example ids
+    Case("ls-tie", "label import {waiting} {dir}/ls.json", "task 7: a tie between 'true', 'false'",
+         {"ls.json": LS_TASK.format(id=7, eid="@id0@", rnd=0, ann=LS_ANN.format("true") + "," + LS_ANN.format("false"))}),
+    Case("ls-label-outside-set", "label import {waiting} {dir}/ls.json", "task 7: label 'maybe' is not in the label set",
+         {"ls.json": LS_TASK.format(id=7, eid="@id0@", rnd=0, ann=LS_ANN.format("maybe"))}),
+    Case("ls-unknown-id", "label import {waiting} {dir}/ls.json", "task 7: unknown example_id 'zzz'",
+         {"ls.json": LS_TASK.format(id=7, eid="zzz", rnd=0, ann=LS_ANN.format("true"))}),
+    Case("ls-wrong-round", "label import {waiting} {dir}/ls.json", "was exported for round 3; this run is waiting for round 0",
+         {"ls.json": LS_TASK.format(id=7, eid="@id0@", rnd=3, ann=LS_ANN.format("true"))}),
+    Case("ls-no-example-id", "label import {waiting} {dir}/ls.json", "task 7: data has no 'example_id'",
+         {"ls.json": '[{"id": 7, "data": {"text": "x"}, "annotations": [' + LS_ANN.format("true") + ']}]'}),
+    Case("ls-duplicate-task", "label import {waiting} {dir}/ls.json", "task 8: duplicate example_id",
+         {"ls.json": "[" + LS_TASK.format(id=7, eid="@id0@", rnd=0, ann=LS_ANN.format("true"))[1:-1] + ","
+          + LS_TASK.format(id=8, eid="@id0@", rnd=0, ann=LS_ANN.format("true"))[1:-1] + "]"}),
+    Case("ls-json-min", "label import {waiting} {dir}/ls.json", "JSON-MIN",
+         {"ls.json": '[{"example_id": "@id0@", "label": "true", "annotator": 1, "annotation_id": 3}]'}),
+    Case("ls-not-a-list", "label import {waiting} {dir}/ls.json", "ls.json: a JSON list of objects was expected",
+         {"ls.json": '["a", "b"]'}),
+    Case("ls-all-skipped", "label import {waiting} {dir}/ls.json", "no row has a label",
+         {"ls.json": LS_TASK.format(id=7, eid="@id0@", rnd=0, ann='{"id": 1, "result": [], "was_cancelled": true}')}),
+    # Argilla: flat records (records.to_list(flatten=True) / to_datasets()) and nested ones (Record.to_dict())
+    Case("argilla-tie", "label import {waiting} {dir}/ag.jsonl", "a tie between 'false', 'true'",
+         {"ag.jsonl": AG_FLAT.format(eid="@id1@", values='["false", "true"]', status='["submitted", "submitted"]')}),
+    Case("argilla-label-outside-set", "label import {waiting} {dir}/ag.jsonl", "ag.jsonl:1 (id @id1@): label 'perhaps' is not in the label set",
+         {"ag.jsonl": AG_FLAT.format(eid="@id1@", values='["perhaps"]', status='["submitted"]')}),
+    Case("argilla-unknown-id", "label import {waiting} {dir}/ag.jsonl", "unknown example_id 'qqq'",
+         {"ag.jsonl": AG_FLAT.format(eid="qqq", values='["true"]', status='["submitted"]')}),
+    Case("argilla-nested-duplicate", "label import {waiting} {dir}/ag.json", "record 2 (id @id2@): duplicate example_id",
+         {"ag.json": "[" + AG_NESTED.format(eid="@id2@") + "," + AG_NESTED.format(eid="@id2@") + "]"}),
+    Case("argilla-folder-without-records", "label import {waiting} {dir}/ds", "is a directory without records.json",
+         {"ds/": ""}),
+    Case("label-import-unknown-format", "label import {waiting} {dir}/x.json", "not a deft, Label Studio or Argilla label file",
+         {"x.json": '[{"text": "a", "sentiment": "pos"}]'}),
 ]
 
 
-def _write(root: Path, files: dict) -> None:
+def _write(root: Path, files: dict, ids: list[str]) -> None:
     for name, content in files.items():
+        if isinstance(content, str):
+            for i, e in enumerate(ids):
+                content = content.replace(f"@id{i}@", e)
         path = root / name
         if name.endswith("/"):
             path.mkdir(parents=True, exist_ok=True)
@@ -185,6 +232,7 @@ def _runs(root: Path, model_dir: str) -> None:
     export_to_label(waiting, 0, ids, pool)
     (waiting.round_dir(0) / "filled-bad.jsonl").write_text(json.dumps({"example_id": ids[0], "label": "maybe"}) + "\n")
     waiting.unlock()
+    return ids
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -192,8 +240,8 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, tmp_path, tiny_mo
     if case.ray:
         request.getfixturevalue("ray_local")
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(to_dict(tiny_config(tiny_model_dir))))
-    _write(tmp_path, case.files)
-    _runs(tmp_path, tiny_model_dir)
+    ids = _runs(tmp_path, tiny_model_dir)
+    _write(tmp_path, case.files, ids)
     names = dict(cfg=tmp_path / "tiny.yaml", dir=tmp_path, model=tiny_model_dir, run=tmp_path / "new-run",
                  waiting=tmp_path / "waiting", done=tmp_path / "done")
     argv = [arg.format(**names) for arg in shlex.split(case.argv)]
@@ -206,7 +254,10 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, tmp_path, tiny_mo
     errors = [line for line in err.splitlines() if line.startswith("deft: error:")]
     assert code == 2, f"exit {code}; stderr:\n{err}"
     assert len(errors) == 1, err
-    assert case.expected in err, err
+    expected = case.expected
+    for i, e in enumerate(ids):
+        expected = expected.replace(f"@id{i}@", e)
+    assert expected in err, err
     assert "Traceback" not in out + err
     assert _snapshot(tmp_path) == before  # no half-made run, no debris, no file touched
 

@@ -55,9 +55,8 @@ def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
 
 
 def test_verbose_brings_the_workers_output_back(tmp_path, tiny_model_dir):
-    cfg = str(_config(tmp_path, tiny_model_dir))
-    quiet, loud = _deft("score", cfg, "--top", "2"), _deft("-v", "score", cfg, "--top", "2")
-    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr + loud.stderr
-    assert "(Scorer pid=" not in quiet.stdout + quiet.stderr
+    # (the quiet side, no "(Scorer pid=" line, is NOISE in the test above)
+    loud = _deft("-v", "score", str(_config(tmp_path, tiny_model_dir)), "--top", "2")
+    assert loud.returncode == 0, loud.stderr
     assert "(Scorer pid=" in loud.stdout + loud.stderr  # Ray forwards the scoring actors' output again
     assert "INFO" in loud.stderr  # and every log line

@@ -69,7 +69,8 @@ def test_full_two_round_loop_with_ray_train(tiny_model_dir, tmp_path, ray_local)
     assert labeled.column("round_added").to_pylist().count(1) == 5 and set(labeled.column("source").to_pylist()) == {"oracle"}
     scores1 = read_parquet(rd.scores_file(1))
     assert scores1.column_names == ["example_id", "u_lora", "u_base", "score", "lora_bald", "lora_entropy",
-                                    "lora_least_confidence", "lora_margin", "lora_pe"]
+                                    "lora_least_confidence", "lora_margin", "lora_pe", "prediction", "confidence"]
+    assert set(scores1.column("prediction").to_pylist()) <= {"true", "false"}  # the adapter's own answer
     assert scores1.num_rows == 40 - 6  # round 1 scores the unlabelled pool only
     assert deft(["report", str(rd.path)]) == 0
     assert rd.report_file.is_file() and rd.curve_file.stat().st_size > 0

@@ -57,8 +57,10 @@ def test_every_command_of_using_it_runs(tiny_model_dir, ray_local, tmp_path, mon
     (tmp_path / "configs").symlink_to(REPO / "configs")
     for command in commands:
         argv = shlex.split(command)[1:]
-        if argv[:2] == ["label", "import"]:  # needs a human-labelled run waiting at runs/x, and a filled file
+        if argv[:2] == ["label", "import"] and not Path(argv[2]).exists():  # a human run waiting at runs/x, a filled file
             _prepare_human_run(tiny_model_dir, argv[2], argv[3], capsys)
+        elif argv[:2] == ["label", "import"]:  # a tool's export of the waiting round: the fixture of its shape
+            _tool_export(argv[2], argv[3])
         if any(a.startswith("configs/") for a in argv):
             argv += tiny_overrides(tiny_model_dir, command)
         if argv[0] == "compare":  # 12 runs: the cold start only, to keep the suite's time down
@@ -91,6 +93,17 @@ def test_every_command_of_using_it_runs(tiny_model_dir, ray_local, tmp_path, mon
     accuracy, ece = map(float, capsys.readouterr().out.split()[-2:])
     assert 0 <= accuracy <= 1 and 0 <= ece <= 1
     assert RunDir("runs/boolq-star").read_state().phase == "done"
+
+
+def _tool_export(run: str, name: str) -> None:
+    from test_label_tools import from_fixture
+
+    from pipeline.io import read_parquet
+
+    k = RunDir(run).read_state().round
+    ids = read_parquet(RunDir(run).selected_file(k)).column("example_id").to_pylist()
+    fixture = "argilla_flat.jsonl" if "argilla" in name else "label_studio_export.json"
+    from_fixture(fixture, ids, k, Path(name))
 
 
 def _prepare_human_run(model_dir: str, run: str, filled: str, capsys) -> None:
