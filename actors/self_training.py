@@ -246,7 +246,8 @@ class StudentRecipe(LoraRecipe):
         setup_s, t1 = time.perf_counter() - t0, time.perf_counter()
 
         def progress(step: int, loss: float) -> None:
-            if self.rank == 0 and (step + 1) % 10 == 0:  # forwarded to the driver's console by Ray
+            self.step_done(step + 1, self.loop.self_training["steps"], loss)
+            if self.rank == 0 and (step + 1) % 10 == 0:  # to the worker log (the console with -v)
                 print(f"[deft student] step {step + 1}/{self.loop.self_training['steps']} loss {loss:.4f}", flush=True)
 
         result = train_student(engine, data, self.loop.self_training, label_ids, self.tokenizer.pad_token_id,

@@ -186,6 +186,7 @@ class LoopConfig:
     loss: str = "lm"  # train.loss: lm or verbalizer
     label_words: Optional[list] = None  # the verbalizer's label words, for loss == "verbalizer"
     self_training: Optional[dict] = None  # set: train a LiST student on pseudo-labels (actors.self_training)
+    progress: Any = None  # a ray.util.queue.Queue: rank 0 puts (step, total, loss) for the driver's progress bar
 
 
 class LoraRecipe:
@@ -205,6 +206,14 @@ class LoraRecipe:
         self.bf16 = self.cfg.precision == "bf16" or (
             self.cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
+
+    def step_done(self, step: int, total: int, loss: float) -> None:
+        """Tell the driver's progress bar (rank 0 only; a full or gone queue only costs the bar a tick)."""
+        if self.rank == 0 and self.loop.progress is not None:
+            try:
+                self.loop.progress.put_nowait((step, total, float(loss)))
+            except Exception:  # noqa: BLE001 - the bar is cosmetic; training goes on
+                pass
 
     def _setup_model(self):
         from actors.model import attach_lora, load_adapter_state, load_model, load_tokenizer
@@ -267,7 +276,7 @@ class LoraRecipe:
         for epoch in range(epochs):
             engine.train()
             total = 0.0
-            for idx in rank_batches(n, self.cfg.batch_size, epoch, self.loop.seed, self.rank, self.world):
+            for j, idx in enumerate(rank_batches(n, self.cfg.batch_size, epoch, self.loop.seed, self.rank, self.world)):
                 batch = collate([data[i] for i in idx], self.tokenizer.pad_token_id)
                 batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                 loss = batch_loss(engine, batch, self.cfg.label_smoothing, self.label_ids)
@@ -275,6 +284,7 @@ class LoraRecipe:
                 engine.step()
                 total += loss.item()
                 seen += len(idx)
+                self.step_done(epoch * steps_per_epoch + j + 1, epochs * steps_per_epoch, loss.item())
                 if t_warm is None:
                     t_warm, warm_seen = time.perf_counter(), seen
             epoch_losses.append(self._mean_across_ranks(total / steps_per_epoch))

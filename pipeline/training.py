@@ -111,13 +111,17 @@ def fit_with_ray_train(cfg: Config, loop, datasets: dict[str, pa.Table], out_dir
     import ray
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
     from actors.trainer import train_loop_per_worker
 
     storage = Path(storage_path or cfg.cluster.storage_path or Path(out_dir).parent / "ray_train").resolve()
+    # Rank 0 puts (step, total, loss) here after every optimizer step; the driver turns them into its bar.
+    # num_cpus=0: the queue must never take a CPU that the train workers are waiting for.
+    progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dict(vars(loop)),
+        train_loop_config={**vars(loop), "progress": progress},
         scaling_config=ScalingConfig(
             num_workers=plan.train_workers, use_gpu=plan.use_gpu, resources_per_worker=plan.train_resources
         ),
@@ -126,7 +130,7 @@ def fit_with_ray_train(cfg: Config, loop, datasets: dict[str, pa.Table], out_dir
         run_config=RunConfig(name=name, storage_path=str(storage)),
     )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    result = _fit_with_progress(trainer, progress, "student" if loop.self_training else "training")
     fit_s = time.perf_counter() - t0
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without an adapter checkpoint (error: {result.error})")
@@ -136,3 +140,41 @@ def fit_with_ray_train(cfg: Config, loop, datasets: dict[str, pa.Table], out_dir
     metrics["fit_s"] = fit_s
     metrics["overhead_s"] = fit_s - metrics.get("train_s", 0.0)
     return TrainResult(Path(out_dir), read_adapter_state(out_dir), metrics)
+
+
+def _fit_with_progress(trainer, queue, desc: str):
+    """`trainer.fit()` in a thread while the driver shows rank 0's steps as one bar: Ray Train's own
+    output stays in the worker logs. fit()'s error, if any, is raised here."""
+    import threading
+    from queue import Empty
+
+    from tqdm.auto import tqdm
+
+    box: dict = {}
+
+    def fit():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the driver's thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    with tqdm(desc=desc, unit="step", leave=False) as bar:
+        def show(items):
+            for step, total, loss in items:
+                bar.total, bar.n = total, step
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if items:
+                bar.refresh()
+
+        while thread.is_alive():
+            try:
+                show([queue.get(timeout=0.5)] + queue.get_nowait_batch(queue.qsize()))
+            except Empty:
+                continue
+        show(queue.get_nowait_batch(queue.qsize()))
+    queue.shutdown(force=True)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -49,6 +49,8 @@ def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
     assert re.search(r"^round 0: 6 labels, accuracy \d\.\d{3}, ECE \d\.\d{3} \(scoring \d+s, training \d+s, evaluating \d+s\)$",
                      console, re.M), console
     assert re.search(r"^round 1: 11 labels, accuracy", console, re.M), console
+    # Ray Train's steps reach the driver as its own bar (the workers' output does not): steps and loss
+    assert re.search(r"^training: .*\b(\d+)/\1 .*loss=\d+\.\d{4}", console, re.M), console
     assert len(re.findall(r"^logs: .*driver\.log; Ray's worker logs: ", console, re.M)) == 1, console
     log = (run / "logs" / "driver.log").read_text()
     assert "round 1: training" in log  # the driver's own log lines went to the file, not the console
