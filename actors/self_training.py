@@ -67,6 +67,13 @@ def meta_gradient(model, pseudo_batch: dict, teacher: torch.Tensor, gold_batch: 
                   meta_lr: float) -> torch.Tensor:
     """-dL_meta/dw at w = 0, where L_meta is the gold meta-batch's verbalizer cross-entropy after one
     virtual SGD step (lr meta_lr) on sum_i w_i KL_i. Second-order: the inner gradient keeps its graph."""
+    return _meta_gradient_and_logits(model, pseudo_batch, teacher, gold_batch, label_ids, meta_lr)[0]
+
+
+def _meta_gradient_and_logits(model, pseudo_batch: dict, teacher: torch.Tensor, gold_batch: dict,
+                              label_ids: torch.Tensor, meta_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """meta_gradient, and the pseudo batch's label-word logits at the current parameters with their graph
+    kept: the real step reuses them rather than forwarding the batch a second time (same dropout mask)."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names, params = list(named), list(named.values())
     eps = torch.zeros(teacher.shape[0], device=teacher.device, dtype=params[0].dtype, requires_grad=True)
@@ -83,15 +90,18 @@ def meta_gradient(model, pseudo_batch: dict, teacher: torch.Tensor, gold_batch: 
         grads = torch.autograd.grad(inner, params, create_graph=True)
         stepped = {n: p - meta_lr * g for n, p, g in zip(names, params, grads)}
         z_meta, gold = call(stepped, gold_batch)
-        (g_eps,) = torch.autograd.grad(F.cross_entropy(z_meta, gold), eps)
-    return -g_eps.detach()
+        (g_eps,) = torch.autograd.grad(F.cross_entropy(z_meta, gold), eps, retain_graph=True)  # z's graph lives on
+    return -g_eps.detach(), z
 
 
 def meta_weights(model, pseudo_batch: dict, teacher: torch.Tensor, gold_batch: dict, label_ids: torch.Tensor,
-                 meta_lr: float) -> torch.Tensor:
-    """Per-example weights for one pseudo-labelled batch: max(-dL_meta/dw, 0), normalised to sum 1."""
-    w = torch.clamp(meta_gradient(model, pseudo_batch, teacher, gold_batch, label_ids, meta_lr), min=0.0)
-    return w / (w.sum() + NORM_EPS)
+                 meta_lr: float, with_logits: bool = False):
+    """Per-example weights for one pseudo-labelled batch: max(-dL_meta/dw, 0), normalised to sum 1; with
+    `with_logits`, also the batch's logits (with graph) for the real step."""
+    g, z = _meta_gradient_and_logits(model, pseudo_batch, teacher, gold_batch, label_ids, meta_lr)
+    w = torch.clamp(g, min=0.0)
+    w = w / (w.sum() + NORM_EPS)
+    return (w, z) if with_logits else w
 
 
 class PlainEngine:
@@ -153,12 +163,12 @@ def train_student(engine, data: PseudoData, st: dict, label_ids: torch.Tensor, p
         model.train()
         if step < warm:
             w = torch.full((len(idx),), 1.0 / len(idx), device=device)
-        else:
+            z, _ = _label_logits(engine, batch, label_ids)
+        else:  # the meta-gradient's forward of this batch is also the real step's
             gold = _to(collate([data.gold[i] for i in meta_idx], pad_id), device)
-            w = meta_weights(model, batch, teacher, gold, label_ids, st["meta_lr"])
+            w, z = meta_weights(model, batch, teacher, gold, label_ids, st["meta_lr"], with_logits=True)
             weight_sum[idx] += w.double().cpu()
             weight_n[idx] += 1
-        z, _ = _label_logits(engine, batch, label_ids)
         loss = (w * kl_per_example(z, teacher)).sum()
         engine.backward(loss)
         engine.step()

@@ -228,6 +228,11 @@ class ActiveLearningConfig:
     eval_limit: Optional[int] = None  # evaluate on the first N test rows only
     ece_bins: int = 15
     evaluate_base: bool = True  # also evaluate the base model once, as the 0-label point of the curve
+    # Candidate sampling for large pools (as in baal and small-text): each round scores a seeded random
+    # subset of this many unlabelled rows, not the whole pool, and selects among them. Faster rounds at
+    # some cost in selection quality; None scores the whole pool.
+    candidates: Optional[int] = None
+    base_on_full_pool: bool = True  # STAR/subtract: u_base over the whole pool (once, cached) or candidates only
 
     def __post_init__(self):
         _require(self.strategy in STRATEGY_NAMES, f"al.strategy should be one of {list(STRATEGY_NAMES)}, got {self.strategy!r}")
@@ -241,6 +246,9 @@ class ActiveLearningConfig:
         _require(self.eval_limit is None or self.eval_limit > 0, f"al.eval_limit should be positive, got {self.eval_limit}")
         for v in self.lambda_values:
             _require(0.0 <= v <= 1.0, f"al.lambda_values should be in [0, 1], got {v}")
+        _require(self.candidates is None or self.candidates >= max(self.initial_size, self.batch_size),
+                 f"al.candidates should be >= the labels a round asks for (al.initial_size {self.initial_size}, "
+                 f"al.batch_size {self.batch_size}), got {self.candidates}")
 
 
 @dataclass

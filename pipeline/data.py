@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.tasks import BadRow, Task
 
@@ -56,6 +57,16 @@ class Pool:
 
     def __len__(self) -> int:
         return self.table.num_rows
+
+    def rows(self, example_ids, columns: list[str]) -> pa.Table:
+        """The pool's `columns` for `example_ids` (a list or an Arrow array), in that order: a vectorised
+        lookup, no per-row dict over the pool. An id the pool lacks is a KeyError that names it."""
+        ids = example_ids if isinstance(example_ids, (pa.Array, pa.ChunkedArray)) else pa.array(example_ids, pa.string())
+        at = pc.index_in(ids, value_set=self.table.column("example_id"))
+        if at.null_count:
+            missing = pc.filter(ids, pc.is_null(at)).to_pylist()
+            raise KeyError(f"{len(missing)} example id(s) are not in the pool {self.source} (e.g. {missing[:3]})")
+        return self.table.select(columns).take(at)
 
     def for_scoring(self) -> pa.Table:
         """The only view of the pool a scorer gets: ids and prompts, never labels."""

@@ -177,14 +177,16 @@ class ActiveLearningRun:
 
     # ---- phases ----------------------------------------------------------------------------------------
     def _scoring(self, k: int) -> None:
-        unlabeled = self._unlabeled()
+        unlabeled = self._candidates(k, self._unlabeled())
         if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
             write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
         n, lora_columns = unlabeled.num_rows, {}
         u_base = u_lora = base = lora = None
         cold_by_base = k == 0 and self.cfg.al.initial == "base_uncertainty"
         if self.strategy.uses_base or cold_by_base:  # scored once, in round 0, and cached
-            base = base_uncertainty(self.scorer, self.pool.for_scoring(), self.run_dir.base_uncertainty_file, self.base_cache)
+            whole = self.cfg.al.base_on_full_pool or self.cfg.al.candidates is None
+            base = base_uncertainty(self.scorer, self.pool.for_scoring() if whole else unlabeled,
+                                    self.run_dir.base_uncertainty_file, self.base_cache)
             u_base = _aligned(base, unlabeled, self.base_measure)
         if k == 0:  # cold start: no adapter has been trained yet
             score = u_base if cold_by_base else self._rng(k, "cold").random(n)
@@ -317,13 +319,21 @@ class ActiveLearningRun:
     def _training_table(self) -> pa.Table:
         """Labelled rows joined with their prompts. Oracle labels train on the pool's target text; a human's
         label becomes the target the task builds from it."""
-        labeled = self.run_dir.read_labeled().to_pylist()
-        prompts = dict(zip(self.pool.example_ids, self.pool.table.column("prompt").to_pylist()))
-        targets = dict(zip(self.pool.example_ids, self.pool.table.column("target").to_pylist()))
-        rows = [{"example_id": r["example_id"], "prompt": prompts[r["example_id"]],
-                 "target": targets[r["example_id"]] if r["source"] == "oracle" else self.task.target(r["label"], r["label"])}
-                for r in labeled]
+        labeled = self.run_dir.read_labeled()
+        pool = self.pool.rows(labeled.column("example_id"), ["prompt", "target"]).to_pylist()
+        rows = [{"example_id": r["example_id"], "prompt": p["prompt"],
+                 "target": p["target"] if r["source"] == "oracle" else self.task.target(r["label"], r["label"])}
+                for r, p in zip(labeled.to_pylist(), pool)]
         return pa.Table.from_pylist(rows)
+
+    def _candidates(self, k: int, unlabeled: pa.Table) -> pa.Table:
+        """al.candidates: a seeded random subset of the unlabelled rows (in pool order), a fresh one each
+        round; the whole of them without it, or when fewer remain."""
+        n = self.cfg.al.candidates
+        if n is None or unlabeled.num_rows <= n:
+            return unlabeled
+        keep = np.sort(self._rng(k, "candidates").choice(unlabeled.num_rows, size=n, replace=False))
+        return unlabeled.take(pa.array(keep, pa.int64()))
 
     def _unlabeled(self) -> pa.Table:
         have = self.run_dir.read_labeled().column("example_id")

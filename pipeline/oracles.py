@@ -41,8 +41,8 @@ class SimulatedOracle:
 
 def export_to_label(run: RunDir, round: int, example_ids: list[str], pool: Pool) -> Path:
     """Write the file a person fills in: one JSON object per line with an empty "label"."""
-    prompts = dict(zip(pool.example_ids, pool.table.column("prompt").to_pylist()))
-    lines = [json.dumps({"example_id": e, "prompt": prompts[e], "label": ""}, ensure_ascii=False) for e in example_ids]
+    prompts = pool.rows(example_ids, ["prompt"]).column("prompt").to_pylist()
+    lines = [json.dumps({"example_id": e, "prompt": p, "label": ""}, ensure_ascii=False) for e, p in zip(example_ids, prompts)]
     path = run.to_label_file(round)
     write_text(path, "\n".join(lines) + "\n")
     return path
@@ -76,15 +76,15 @@ def export_copy(source: Path, out: str | Path) -> None:
 def export_rows(run: RunDir, round: int, example_ids: list[str], pool: Pool) -> list[ExportRow]:
     """The round's selected rows with their acquisition score and, where the round scored the pool, the
     newest model's answer and confidence (scores.parquet; older runs lack them)."""
-    prompts = dict(zip(pool.example_ids, pool.table.column("prompt").to_pylist()))
+    prompts = pool.rows(example_ids, ["prompt"]).column("prompt").to_pylist()
     selected = read_parquet(run.selected_file(round)).to_pylist()
     score = {r["example_id"]: r["score"] for r in selected}
     scores = read_parquet(run.scores_file(round)) if run.scores_file(round).is_file() else None
     model = {}
     if scores is not None and "prediction" in scores.column_names:
         model = {r["example_id"]: r for r in scores.select(["example_id", "prediction", "confidence"]).to_pylist()}
-    return [ExportRow(e, prompts[e], score.get(e), model.get(e, {}).get("prediction"), model.get(e, {}).get("confidence"))
-            for e in example_ids]
+    return [ExportRow(e, p, score.get(e), model.get(e, {}).get("prediction"), model.get(e, {}).get("confidence"))
+            for e, p in zip(example_ids, prompts)]
 
 
 def export_for_tool(run: RunDir, round: int, example_ids: list[str], pool: Pool, task: Task, fmt: str,

@@ -256,8 +256,9 @@ def base_uncertainty(scorer: PoolScorer, table: pa.Table, cache: Optional[Path] 
     known = _union(known, fresh)
     keep = known.filter(pc.is_in(known.column("example_id"), value_set=pa.array(ids, pa.string())))
     check_exactly_once(ids, keep)
-    if cache is not None and (own is None or own.num_rows < keep.num_rows):
-        write_parquet(cache, _union(own, keep))
+    grown = _union(own, keep)  # rows this call needed that the run's own cache lacked (candidates differ per round)
+    if cache is not None and (own is None or grown.num_rows > own.num_rows):
+        write_parquet(cache, grown)
     if shared is not None and fresh is not None:
         write_parquet(shared, _union(_known(shared), fresh))
     return in_order(keep, ids)

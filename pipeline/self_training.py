@@ -145,9 +145,8 @@ class RoundSelfTraining:
         if pseudo.num_rows == 0:
             raise ValueError(f"round {self.k} session {s}: no pseudo-labelled rows (pool exhausted, or "
                              f"self_training.min_confidence {self.cfg.self_training.min_confidence} filtered all)")
-        prompts = dict(zip(self.run.pool.example_ids, self.run.pool.table.column("prompt").to_pylist()))
         rows = pa.table({"example_id": pseudo.column("example_id"),
-                         "prompt": [prompts[e] for e in pseudo.column("example_id").to_pylist()],
+                         "prompt": self.run.pool.rows(pseudo.column("example_id"), ["prompt"]).column("prompt"),
                          "probs": pseudo.column("probs")})
         seed = session_seed(self.cfg.seed, self.k, s, "student")
         words = list(self.run.task.label_words)

@@ -73,6 +73,7 @@ CASES = [
     Case("config-yaml-boolean-label", "run {cfg} --run-dir {run} --set task.name=custom --set task.labels=[yes,no]",
          "YAML reads yes/no/true/false"),
     Case("config-temp-dir-too-long", "run {cfg} --run-dir {run} --set cluster.temp_dir=/tmp/" + "x" * 60, "cluster.temp_dir is too long"),
+    Case("config-candidates-too-few", "run {cfg} --run-dir {run} --set al.candidates=2", "al.candidates should be >="),
     Case("config-preset", "run {cfg} --run-dir {run} --set train.preset=huge", "train.preset should be one of"),
     Case("config-st-generation", "run {cfg} --run-dir {run} --set task.name=gsm8k --set self_training.enabled=true",
          "self_training.enabled needs a verbalizer task"),

@@ -149,3 +149,17 @@ def test_data_limit_cuts_the_pool_not_the_test_split():
     assert len(pool_from_config(data, demo(), 0, require_label=True)) == 10
     assert len(eval_split_from_config(data, demo(), 0, eval_limit=None)) == 50
     assert len(eval_split_from_config(data, demo(), 0, eval_limit=7)) == 7
+
+
+def test_rows_looks_up_ids_in_the_order_asked_and_names_a_missing_one():
+    from pipeline.tasks import demo
+
+    pool = load_pool("demo", demo(), demo_size=30)
+    ids = pool.example_ids[::-1][:7]
+    got = pool.rows(ids, ["example_id", "prompt", "target"])
+    assert got.column("example_id").to_pylist() == ids
+    by_id = {r["example_id"]: r for r in pool.table.to_pylist()}
+    assert got.to_pylist() == [{k: by_id[e][k] for k in ("example_id", "prompt", "target")} for e in ids]
+    assert pool.rows(pa.array(ids[:2]), ["prompt"]).num_rows == 2
+    with pytest.raises(KeyError, match="'nope'"):
+        pool.rows([ids[0], "nope"], ["prompt"])

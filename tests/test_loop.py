@@ -254,3 +254,26 @@ def test_verbalizer_loss_runs_the_loop_and_trains_a_different_adapter(tiny_model
     first = json.loads((RunDir(path).round_dir(0) / "train_metrics.json").read_text())["epoch_loss"][0]
     lm_first = json.loads((RunDir(reference[0]).round_dir(0) / "train_metrics.json").read_text())["epoch_loss"][0]
     assert first < 3.0 < lm_first, (first, lm_first)
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_candidate_sampling_scores_a_seeded_subset_each_round(tiny_model_dir, scorer, tmp_path, full):
+    """al.candidates: each round scores N unlabelled rows drawn afresh (seeded) and selects among them; STAR's
+    u_base covers the whole pool (once) or only the rows drawn as candidates."""
+    cfg = loop_config(tiny_model_dir, al={"candidates": 12, "base_on_full_pool": full})
+    path = tmp_path / "run"
+    ActiveLearningRun(cfg, path, scorer=scorer).run()
+    rd = RunDir(path)
+    drawn = {}
+    for k in (0, 1):
+        scored = read_parquet(rd.scores_file(k)).column("example_id").to_pylist()
+        selected = read_parquet(rd.selected_file(k)).column("example_id").to_pylist()
+        assert len(scored) == 12 and set(selected) <= set(scored)
+        drawn[k] = set(scored)
+    assert drawn[0] != drawn[1] and not (set(read_parquet(rd.selected_file(0)).column("example_id").to_pylist()) & drawn[1])
+    base_rows = read_parquet(rd.base_uncertainty_file).num_rows
+    assert base_rows == (40 if full else len(drawn[0] | drawn[1]))
+    again = tmp_path / "again"  # the draw is seeded: the same candidates again
+    ActiveLearningRun(cfg, again, scorer=scorer).run()
+    assert [read_parquet(RunDir(again).scores_file(k)).column("example_id").to_pylist() for k in (0, 1)] == \
+        [read_parquet(rd.scores_file(k)).column("example_id").to_pylist() for k in (0, 1)]

@@ -108,6 +108,17 @@ def test_meta_gradient_matches_finite_differences(tiny_model_dir, tok):
     assert w.tolist() == pytest.approx((clamped / (clamped.sum() + 1e-6)).tolist())
     assert all(x >= 0 for x in w.tolist())
 
+    # The real step reuses the meta-gradient's forward: the same logits, and through them the same
+    # parameter gradient, as forwarding the batch again (dropout off, so the two are comparable).
+    w2, z = meta_weights(model, pb, teacher, gb, ids, meta_lr, with_logits=True)
+    assert w2.tolist() == w.tolist()
+    reused = torch.autograd.grad((w2 * kl_per_example(z, teacher)).sum(), list(named.values()))
+    z_fresh = label_word_logits(*_window(model(**_kw(pb)).logits, pb), ids)[0]
+    fresh = torch.autograd.grad((w2 * kl_per_example(z_fresh, teacher)).sum(), list(named.values()))
+    assert torch.allclose(z, z_fresh, rtol=1e-6, atol=1e-9)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-12) for a, b in zip(reused, fresh))
+    assert any(a.abs().max() > 0 for a in reused)
+
 
 def _kw(batch):
     keep = batch["answer_span"] + 1
