@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 
 from actors.scorer import left_pad, positions
+from benchmarks.device import cpu_name, gpu_name, mfu
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "boolq" / "train.jsonl"
 
@@ -198,9 +198,13 @@ def main(argv=None) -> dict:
         results["baal"] = _median_time(lambda: baal_scores(baal_model, tokenizer, prompts, label_ids, args.passes, args.batch_size), args.repeats)
 
     ex_s = {k: len(prompts) / v for k, v in results.items()}
+    dtype = str(next(model.parameters()).dtype)
+    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     figures = {
         "examples_per_s": round(ex_s["deft"], 3),
         "tokens_per_s": round(n_tokens / results["deft"], 1),
+        # forward tokens: the pool's tokens x T passes; MFU only where a GPU's peak is known
+        "gpu_utilisation": mfu(params, n_tokens * args.passes / results["deft"], gpu_name(), dtype),
         "ratio_vs_reference": round(ex_s["deft"] / ex_s["reference"], 3) if "reference" in ex_s else None,
         "ratio_vs_limit": round(ex_s["deft"] / ex_s["limit"], 3) if "limit" in ex_s else None,
         "ratio_vs_baal": round(ex_s["deft"] / ex_s["baal"], 3) if "baal" in ex_s else None,
@@ -210,10 +214,9 @@ def main(argv=None) -> dict:
         "setup": {
             "model": cfg.model.name, "rows": len(prompts), "pool_tokens": n_tokens, "mc_passes": args.passes,
             "batch_size": args.batch_size, "actors": args.actors, "lora_r": args.lora_r,
-            "dtype": str(next(model.parameters()).dtype), "adapter_train_steps": args.train_steps,
+            "dtype": dtype, "adapter_train_steps": args.train_steps,
             "adapter_train_s": round(train_s, 1), "reference_rows_timed": args.reference_rows,
-            "data": args.data, "cpus": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "cpu": platform.processor() or platform.machine(), "repeats": args.repeats,
+            "data": args.data, "cpus": os.cpu_count(), "gpu": gpu_name(), "cpu": cpu_name(), "repeats": args.repeats,
         },
     }
     print(json.dumps(figures))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.device import cpu_name, gpu_name, mfu
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "boolq" / "train.jsonl"
 
 
@@ -74,6 +76,13 @@ def main(argv=None) -> dict:
         for workers in (1, 2):
             runs[workers] = fit(workers, f"w{workers}").metrics
     shutdown()
+    from actors.model import load_tokenizer
+
+    tok = load_tokenizer(path, cfg.model)
+    tokens_per_example = sum(len(tok(p + t).input_ids) for p, t in zip(table.column("prompt").to_pylist(),
+                                                                      table.column("target").to_pylist())) / table.num_rows
+    params = _base_params(path)
+    precision = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     figures = {
         "plain_examples_per_s": round(plain["steady_examples_per_s"], 3),
         "ray_ds_1w_examples_per_s": round(runs[1]["steady_examples_per_s"], 3),
@@ -84,11 +93,15 @@ def main(argv=None) -> dict:
         "startup_overhead_2w_s": round(runs[2]["overhead_s"], 1),
         "fit_s": {"1w": round(runs[1]["fit_s"], 1), "2w": round(runs[2]["fit_s"], 1)},
         "setup_in_worker_s": {"1w": round(runs[1]["setup_s"], 1), "2w": round(runs[2]["setup_s"], 1)},
+        "tokens_per_example": round(tokens_per_example, 1),
+        "ray_ds_2w_tokens_per_s": round(runs[2]["steady_examples_per_s"] * tokens_per_example, 1),
+        # 6 x params FLOPs per trained token; only where a GPU's peak is known
+        "gpu_utilisation_2w": mfu(params, runs[2]["steady_examples_per_s"] * tokens_per_example, gpu_name(), precision, train=True),
         "epoch_loss": {"plain": [round(x, 4) for x in plain["epoch_loss"]],
                        "1w": [round(x, 4) for x in runs[1]["epoch_loss"]], "2w": [round(x, 4) for x in runs[2]["epoch_loss"]]},
         "setup": {"model": cfg.model.name, "rows": table.num_rows, "epochs": args.epochs, "global_batch": args.batch_size,
                   "lora_r": args.lora_r, "zero_stage": args.zero_stage, "dtype": "float32", "cpus": os.cpu_count(),
-                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+                  "gpu": gpu_name(), "cpu": cpu_name()},
     }
     print(json.dumps(figures))
     return figures
@@ -96,3 +109,21 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def _base_params(path: str) -> int:
+    """The base model's parameter count, from its safetensors headers (no weights loaded)."""
+    import json
+    import struct
+
+    total = 0
+    for f in Path(path).glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, info in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                total += n
+    return total
