@@ -77,8 +77,8 @@ def test_every_strategy_selects_by_its_own_measure(tiny_model_dir, four_way_pool
     selected = read_parquet(rd.selected_file(1)).column("example_id").to_pylist()
     score = np.array(scores["score"])
     if strategy == "random":  # nothing is scored: no adapter pass, no base pass
-        assert set(scores) == {"example_id", "u_lora", "u_base", "score"}
-        assert all(v is None for v in scores["u_lora"] + scores["u_base"])
+        assert set(scores) == {"example_id", "u_lora", "u_base", "score", "prediction", "confidence"}
+        assert all(v is None for v in scores["u_lora"] + scores["u_base"] + scores["prediction"] + scores["confidence"])
         assert metrics[1]["lambda"] is None
     else:
         column = np.array(scores[f"lora_{COLUMN[kind][strategy]}"])
