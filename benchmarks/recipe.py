@@ -14,22 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import time
 from pathlib import Path
 
+from benchmarks.device import cpu_name
 from pipeline.compare import compare
 from pipeline.config import load_config, parse_override
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def grid_points(grids: list[str]) -> list[list[str]]:
