@@ -113,17 +113,12 @@ if __name__ == "__main__":
 
 def _base_params(path: str) -> int:
     """The base model's parameter count, from its safetensors headers (no weights loaded)."""
-    import json
-    import struct
+    import math
+
+    from safetensors import safe_open
 
     total = 0
     for f in Path(path).glob("*.safetensors"):
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-        for name, info in header.items():
-            if name != "__metadata__":
-                n = 1
-                for d in info["shape"]:
-                    n *= d
-                total += n
+        with safe_open(str(f), framework="pt") as st:
+            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
     return total

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 from xml.sax.saxutils import quoteattr
 
-from pipeline.tasks import BadRow, GenerationTask, Task, VerbalizerTask
+from pipeline.tasks import BadRow, Task, VerbalizerTask
 
 FORMATS = ("jsonl", "label-studio", "argilla")
 QUESTION = "label"  # the question's name in both tools' configs; import looks for it
@@ -267,7 +267,13 @@ class Decision:
     agreement: float  # the winning label's share of them
 
 
-def decide(items: list[Item], expected: list[str], round: int, task: Task, path, normalise) -> tuple[dict[str, Decision], list[str]]:
+def normalise_label(task: Task, raw: str) -> str:
+    if isinstance(task, VerbalizerTask):
+        return task.parse_label(raw)
+    return raw.strip()  # generation: the answer text itself (trained on as written)
+
+
+def decide(items: list[Item], expected: list[str], round: int, task: Task, path) -> tuple[dict[str, Decision], list[str]]:
     """Majority vote per row, with every problem collected: unknown ids, duplicates, labels outside the
     set, ties, and a file exported for another round."""
     wanted, seen, decisions, problems = set(expected), {}, {}, []
@@ -286,7 +292,7 @@ def decide(items: list[Item], expected: list[str], round: int, task: Task, path,
         votes = []
         for v in item.votes:
             try:
-                votes.append(normalise(task, v))
+                votes.append(normalise_label(task, v))
             except BadRow as e:
                 problems.append(f"{item.where}: {str(e).split(': ', 1)[1]}")
         if len(votes) != len(item.votes) or not votes:

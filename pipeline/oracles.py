@@ -19,7 +19,7 @@ from pipeline.io import read_parquet, write_parquet, write_text
 from pipeline.label_formats import (FORMATS, Decision, ExportRow, LabelImportError, argilla_records, decide,
                                     label_studio_config, label_studio_tasks, read_items)
 from pipeline.run_dir import LABELED_SCHEMA, RunDir
-from pipeline.tasks import BadRow, Task, VerbalizerTask
+from pipeline.tasks import Task
 
 IMPORTED_SCHEMA = pa.schema([("example_id", pa.string()), ("label", pa.string()), ("annotators", pa.int64()),
                              ("agreement", pa.float64())])
@@ -110,18 +110,12 @@ def export_for_tool(run: RunDir, round: int, example_ids: list[str], pool: Pool,
     return list(files)
 
 
-def _normalise_label(task: Task, raw: str) -> str:
-    if isinstance(task, VerbalizerTask):
-        return task.parse_label(raw)
-    return raw.strip()  # generation: the answer text itself (trained on as written)
-
-
 def parse_label_file(path: str | Path, expected: list[str], round: int, task: Task) -> tuple[str, dict[str, Decision]]:
     """(format, {example_id: decision}) for the answered rows of a deft, Label Studio or Argilla file.
     Every problem is collected, each with its line or task; any problem raises LabelImportError and
     nothing is imported."""
     kind, items, problems = read_items(path)
-    decisions, more = decide(items, expected, round, task, path, _normalise_label)
+    decisions, more = decide(items, expected, round, task, path)
     errors = problems + more
     if errors:
         raise LabelImportError(f"{len(errors)} problem(s) in {path}; nothing was imported:\n  " + "\n  ".join(errors[:20]))

@@ -12,7 +12,6 @@ from pipeline.cli import main as deft
 from pipeline.io import read_parquet
 from pipeline.label_formats import argilla_records, decide, label_studio_config, read_items
 from pipeline.loop import ActiveLearningRun, NeedsLabels
-from pipeline.oracles import _normalise_label
 from pipeline.run_dir import RunDir
 from pipeline.tasks import demo, gsm8k
 
@@ -59,7 +58,7 @@ def test_argilla_nested_export_and_to_disk_folder(tmp_path):
         assert kind == "argilla" and not problems
         assert got == {"a": ["true", "true"], "b": ["false", "true", "false"], "c": ["true", "false"], "d": []}
     items = read_items(folder)[1]
-    decisions, problems = decide(items, ["a", "b", "c", "d"], 0, demo(), folder, _normalise_label)
+    decisions, problems = decide(items, ["a", "b", "c", "d"], 0, demo(), folder)
     assert {e: (d.label, d.annotators, round(d.agreement, 2)) for e, d in decisions.items()} == {
         "a": ("true", 2, 1.0), "b": ("false", 3, 0.67)}
     assert len(problems) == 1 and "a tie between 'true', 'false'" in problems[0] and "'c'" in problems[0]
