@@ -82,6 +82,7 @@ class Scorer:
             use_fast_dropout(self.model)
         self.model_loads = 1
         self.adapter_version = 0
+        self._last_group = (None, None)  # ((inputs file, row group), its rows): see _row_group
         if isinstance(self.task, VerbalizerTask):
             self.label_ids = torch.tensor(verbalizer_token_ids(self.tokenizer, self.task.label_words), device=self.device)
 
@@ -125,16 +126,29 @@ class Scorer:
         columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
         return {"example_id": ids, **columns}
 
-    def score_shard(self, shard, mode: str, seed: Optional[int] = None):
-        """Score one Ray Data shard (a DataIterator from `streaming_split`) and return a pyarrow Table."""
+    def score_unit(self, path: str, group: int, offsets, batch_size: int, mode: str, seed: Optional[int],
+                   out_path: str) -> int:
+        """Score rows `offsets` of row group `group` of a pool's inputs file, in consecutive micro-batches of
+        `batch_size` (the driver's `plan_units` fixed them), and write the scores to `out_path` as Parquet,
+        atomically. Only example_id and prompt are read. Returns the number of rows."""
         import pyarrow as pa
 
-        parts = []
-        # batch_size=None keeps the driver's blocks whole: each is one length-sorted micro-batch, so the
-        # dropout masks a row sees do not depend on which actor got it.
-        for batch in shard.iter_batches(batch_size=None, batch_format="pyarrow"):
-            parts.append(pa.table(self.score(batch.to_pydict(), mode, seed)))
-        return pa.concat_tables(parts) if parts else None
+        from pipeline.io import write_parquet
+
+        rows = self._row_group(path, group).take(pa.array(offsets, pa.int64()))
+        parts = [pa.table(self.score(rows.slice(i, batch_size).to_pydict(), mode, seed))
+                 for i in range(0, rows.num_rows, batch_size)]
+        write_parquet(out_path, pa.concat_tables(parts))
+        return rows.num_rows
+
+    def _row_group(self, path: str, group: int):
+        """Row group `group` of `path` (example_id, prompt only); the last one read is kept, since small
+        calls cut one row group into several units."""
+        import pyarrow.parquet as pq
+
+        if self._last_group[0] != (path, group):
+            self._last_group = ((path, group), pq.ParquetFile(path).read_row_group(group, columns=["example_id", "prompt"]))
+        return self._last_group[1]
 
     def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = left_pad(seqs, self.tokenizer.pad_token_id)

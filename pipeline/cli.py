@@ -272,17 +272,18 @@ def cmd_score(args) -> int:
     pool = checked.pool
     scorer = PoolScorer(cfg, checked.model_path)
     t0 = time.perf_counter()
-    base = scorer.score(pool.for_scoring(), "base")
-    lora = scorer.score(pool.for_scoring(), "lora")
+    base = scorer.score(pool.scoring_input(), "base")
+    lora = scorer.score(pool.scoring_input(), "lora")
     print(f"{len(pool)} rows scored (u_base + {cfg.scoring.mc_passes} MC passes) in {time.perf_counter() - t0:.1f}s")
     table = pa.table({"example_id": base.column("example_id"), "u_base": base.column(measure),
                       "u_lora": lora.column(measure), "prediction": base.column("prediction")})
     if args.out:
         write_parquet(args.out, table)
-    prompts = dict(zip(pool.example_ids, pool.table.column("prompt").to_pylist()))
+    top = table.sort_by([("u_base", "descending")]).slice(0, args.top)
+    prompts = pool.rows(top.column("example_id"), ["prompt"]).column("prompt").to_pylist()
     print(f"most uncertain by u_base ({measure}):")
-    for r in sorted(table.to_pylist(), key=lambda r: -r["u_base"])[: args.top]:
-        print(f"  {r['example_id']}  {r['u_base']:.4f}  {' '.join(prompts[r['example_id']].split())[-90:]}")
+    for r, prompt in zip(top.to_pylist(), prompts):
+        print(f"  {r['example_id']}  {r['u_base']:.4f}  {' '.join(prompt.split())[-90:]}")
     return 0
 
 

@@ -126,6 +126,9 @@ class DataConfig:
     limit: Optional[int] = None  # use only the first N good rows
     demo_size: int = 400  # rows of the generated demo pool
     allow_download: bool = False  # load an "hf:" dataset from the hub; off: only what the datasets cache holds
+    # Where validated pools are kept as Parquet (scorers read prompts from there): default $DEFT_CACHE or
+    # ~/.cache/deft. On a multi-node cluster it must be storage that every node sees.
+    cache_dir: Optional[str] = None
 
     def __post_init__(self):
         _require(self.limit is None or self.limit > 0, f"data.limit should be positive, got {self.limit}")
@@ -461,7 +464,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
 # What `deft resume RUN --set KEY=VALUE` may change: where things are and how the work is spread, never
 # what the run measures. A section name allows every key in it.
-RESUME_KEYS = ("data.path", "data.test_path", "model.name", "model.cache_dir", "cluster", "scoring.batch_size",
+RESUME_KEYS = ("data.path", "data.test_path", "data.cache_dir", "model.name", "model.cache_dir", "cluster", "scoring.batch_size",
                "scoring.num_actors", "train.backend", "train.num_workers")
 
 

@@ -11,15 +11,21 @@ drops and counts them. It never fails silently.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import shutil
+import tempfile
+from array import array
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.tasks import BadRow, Task
 
@@ -27,6 +33,10 @@ POOL_SCHEMA = pa.schema(
     [("example_id", pa.string()), ("prompt", pa.string()), ("label", pa.string()), ("target", pa.string())]
 )
 SCORER_COLUMNS = ["example_id", "prompt"]  # all a scorer may see: no label, no target
+ROW_GROUP_ROWS = 4096  # rows per Parquet row group of a pool's files: the unit a scorer reads
+INPUTS_SCHEMA = pa.schema([("example_id", pa.string()), ("prompt", pa.string()), ("n_chars", pa.int32())])
+LABELS_SCHEMA = pa.schema([("example_id", pa.string()), ("label", pa.string()), ("target", pa.string())])
+POOL_FORMAT = 1  # bump when the files load_pool writes change, so old cached pools are not reused
 _SHOWN_ERRORS = 20
 
 
@@ -45,32 +55,126 @@ class BadRowRecord:
         return f"{self.source}:{self.line}: field '{self.field}': {self.message}"
 
 
-@dataclass
 class Pool:
-    table: pa.Table
-    source: str
-    skipped: list[BadRowRecord] = field(default_factory=list)
+    """A validated pool, kept on disk in its own directory (see `load_pool`), as two Parquet files with
+    row groups of `row_group_rows` rows, in source order:
+
+      inputs.parquet  example_id, prompt, n_chars   all a scorer may read (scorers open this file only)
+      labels.parquet  example_id, label, target     for the oracle and the trainer
+
+    The driver holds only the example_id column and the prompt lengths (about 30 bytes a row). Prompts,
+    labels and targets are read for the rows that need them (`rows`), and scorers read their rows of
+    inputs.parquet themselves (`scoring_input`), so a large pool never passes through the driver.
+    """
+
+    def __init__(self, directory: str | Path, source: str, skipped: Optional[list[BadRowRecord]] = None):
+        self.dir, self.source = Path(directory), source
+        self.skipped = list(skipped or [])
+        meta = json.loads((self.dir / "meta.json").read_text())
+        self.row_group_rows = int(meta["row_group_rows"])
+        index = pq.read_table(self.inputs_path, columns=["example_id", "n_chars"])
+        self.ids = index.column("example_id").combine_chunks()
+        self.n_chars = index.column("n_chars").to_numpy()
+
+    @property
+    def inputs_path(self) -> Path:
+        return self.dir / "inputs.parquet"
+
+    @property
+    def labels_path(self) -> Path:
+        return self.dir / "labels.parquet"
 
     @property
     def example_ids(self) -> list[str]:
-        return self.table.column("example_id").to_pylist()
+        return self.ids.to_pylist()
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return len(self.ids)
 
-    def rows(self, example_ids, columns: list[str]) -> pa.Table:
-        """The pool's `columns` for `example_ids` (a list or an Arrow array), in that order: a vectorised
-        lookup, no per-row dict over the pool. An id the pool lacks is a KeyError that names it."""
-        ids = example_ids if isinstance(example_ids, (pa.Array, pa.ChunkedArray)) else pa.array(example_ids, pa.string())
-        at = pc.index_in(ids, value_set=self.table.column("example_id"))
+    def positions(self, example_ids) -> np.ndarray:
+        """Row positions of `example_ids` (a list or an Arrow array) in the pool. An id the pool lacks is a
+        KeyError that names it."""
+        ids = as_id_array(example_ids)
+        at = pc.index_in(ids, value_set=self.ids)
         if at.null_count:
             missing = pc.filter(ids, pc.is_null(at)).to_pylist()
             raise KeyError(f"{len(missing)} example id(s) are not in the pool {self.source} (e.g. {missing[:3]})")
-        return self.table.select(columns).take(at)
+        return at.to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def rows(self, example_ids, columns: list[str]) -> pa.Table:
+        """The pool's `columns` for `example_ids`, in that order: only the row groups that hold them are read."""
+        at = self.positions(example_ids)
+        out = {}
+        for path, has in ((self.inputs_path, ("example_id", "prompt")), (self.labels_path, ("label", "target"))):
+            wanted = [c for c in columns if c in has]
+            if wanted:
+                part = _read_rows(path, at, self.row_group_rows, wanted)
+                out.update({c: part.column(c) for c in wanted})
+        unknown = set(columns) - set(out)
+        if unknown:
+            raise KeyError(f"a pool has no column(s) {sorted(unknown)}; it has {POOL_SCHEMA.names}")
+        return pa.table({c: out[c] for c in columns})
+
+    @property
+    def table(self) -> pa.Table:
+        """The whole pool in memory (small pools, tests). Large-pool code paths use `rows` instead."""
+        inputs = pq.read_table(self.inputs_path, columns=["example_id", "prompt"])
+        labels = pq.read_table(self.labels_path, columns=["label", "target"])
+        return pa.table([inputs.column("example_id"), inputs.column("prompt"), labels.column("label"),
+                         labels.column("target")], schema=POOL_SCHEMA)
 
     def for_scoring(self) -> pa.Table:
-        """The only view of the pool a scorer gets: ids and prompts, never labels."""
-        return self.table.select(SCORER_COLUMNS)
+        """The only view of the pool a scorer gets, in memory: ids and prompts, never labels."""
+        return pq.read_table(self.inputs_path, columns=SCORER_COLUMNS)
+
+    def scoring_input(self, example_ids=None) -> "ScoringInput":
+        """What scorers read for `example_ids` (default: every row): inputs.parquet and row positions in it."""
+        at = np.arange(len(self)) if example_ids is None else np.sort(self.positions(example_ids))
+        return ScoringInput(str(self.inputs_path), self.row_group_rows, at, self.n_chars[at],
+                            self.ids.take(pa.array(at, pa.int64())))
+
+
+@dataclass(frozen=True)
+class ScoringInput:
+    """Rows for the scorers, by reference: the label-free inputs file, the rows' positions in it (ascending),
+    their prompt lengths in characters, and their example_ids. The scorers read the prompts themselves."""
+    path: str
+    row_group_rows: int
+    positions: np.ndarray
+    n_chars: np.ndarray
+    example_ids: pa.Array
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.positions)
+
+
+def as_id_array(example_ids) -> pa.Array:
+    if isinstance(example_ids, pa.ChunkedArray):
+        return example_ids.combine_chunks()
+    return example_ids if isinstance(example_ids, pa.Array) else pa.array(list(example_ids), pa.string())
+
+
+def _read_rows(path: Path, at: np.ndarray, row_group_rows: int, columns: list[str]) -> pa.Table:
+    """Rows `at` (positions, any order) of a file written in row groups of `row_group_rows`: reads only the
+    row groups that hold them."""
+    groups = np.unique(at // row_group_rows)
+    table = pq.ParquetFile(path).read_row_groups(groups.tolist(), columns=columns)
+    local = np.searchsorted(groups, at // row_group_rows) * row_group_rows + at % row_group_rows
+    return table.take(pa.array(local, pa.int64()))
+
+
+def write_inputs(table: pa.Table, directory: str | Path, row_group_rows: int = ROW_GROUP_ROWS) -> ScoringInput:
+    """An in-memory (example_id, prompt) table as a scorer input file in `directory`: for rows that are not a
+    pool's (benchmarks, tests, `PoolScorer.score` given a table)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = table.select(SCORER_COLUMNS)
+    inputs = table.append_column("n_chars", pc.utf8_length(table.column("prompt")).cast(pa.int32()))
+    pq.write_table(inputs, directory / "inputs.parquet", row_group_size=row_group_rows)
+    n = table.num_rows
+    return ScoringInput(str(directory / "inputs.parquet"), row_group_rows, np.arange(n),
+                        inputs.column("n_chars").to_numpy(), table.column("example_id").combine_chunks())
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRow]]:
@@ -86,9 +190,16 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRow]]:
             yield line_no, row if isinstance(row, dict) else BadRow("<json>", f"expected an object, got {type(row).__name__}")
 
 
-def _read_table(table: pa.Table, first_line: int) -> Iterator[tuple[int, dict]]:
-    for i, row in enumerate(table.to_pylist()):
-        yield i + first_line, row
+def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        f = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from None
+    line = 1
+    for batch in f.iter_batches(batch_size=ROW_GROUP_ROWS):  # a batch at a time: never the whole file in memory
+        for row in batch.to_pylist():
+            yield line, row
+            line += 1
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | BadRow]]:
@@ -149,13 +260,7 @@ def read_rows(source: str, demo_size: int = 400, seed: int = 0, split: str = "po
     if suffix in (".jsonl", ".json", ".ndjson"):
         yield from _read_jsonl(path)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"{path}: not a readable Parquet file: {e}") from None
-        yield from _read_table(table, first_line=1)
+        yield from _read_parquet(path)
     elif suffix in (".csv", ".tsv"):
         yield from _read_csv(path, delimiter="\t" if suffix == ".tsv" else ",")
     else:
@@ -191,42 +296,158 @@ def load_pool(
     demo_size: int = 400,
     seed: int = 0,
     split: str = "pool",
+    cache_dir: Optional[str | Path] = None,
 ) -> Pool:
-    """Load and validate a pool. Raises DataError listing every bad row unless on_bad_row == 'skip'."""
+    """Load and validate a pool. Raises DataError listing every bad row unless on_bad_row == 'skip'.
+
+    Rows are validated as they stream in and written, a row group at a time, to a Pool directory under
+    `cache_dir` (default $DEFT_CACHE or ~/.cache/deft, then pools/), keyed by the source (path, size and
+    mtime), the task and these arguments. The same source loads from there next time without being read
+    again: a resumed run, or the runs of a `deft compare`. A source that fails writes nothing there. On a
+    multi-node cluster `cache_dir` (`data.cache_dir`) must be storage every node sees: scorers read the
+    pool's prompts from it.
+    """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}")
-    rows, bad, first_line = [], [], {}
-    for line, row in read_rows(source, demo_size, seed, split):
+    key = _pool_key(source, task, id_field, on_bad_row, limit, require_label, demo_size, seed, split)
+    final = pools_dir(cache_dir) / key
+    if (final / "meta.json").is_file():
+        meta = json.loads((final / "meta.json").read_text())
+        return Pool(final, source, [BadRowRecord(**b) for b in meta["skipped"]])
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}."))
+    try:
+        bad, good = _write_pool(tmp, source, task, id_field, limit, require_label, demo_size, seed, split)
+        if bad and on_bad_row == "error":
+            shown = "\n  ".join(str(b) for b in bad[:_SHOWN_ERRORS])
+            more = f"\n  ... and {len(bad) - _SHOWN_ERRORS} more" if len(bad) > _SHOWN_ERRORS else ""
+            raise DataError(
+                f"{len(bad)} bad row(s) in {source}:\n  {shown}{more}\n"
+                "Fix them, or set data.on_bad_row=skip to drop and count them."
+            )
+        if not good:
+            raise DataError(f"{source}: no usable rows")
+        meta = {"format": POOL_FORMAT, "source": source, "row_group_rows": ROW_GROUP_ROWS,
+                "skipped": [dataclasses.asdict(b) for b in bad]}
+        (tmp / "meta.json").write_text(json.dumps(meta))
         try:
-            if isinstance(row, BadRow):
-                raise row
-            example_id = _row_id(row, id_field, task.input_fields)
-            if example_id in first_line:
-                raise BadRow(id_field or "<row>", f"duplicate example_id {example_id!r} (first seen at line {first_line[example_id]})")
-            ex = task.example(row, require_label=require_label)
-        except BadRow as e:
-            bad.append(BadRowRecord(source, line, e.field, str(e).split(": ", 1)[1]))
-            continue
-        first_line[example_id] = line
-        rows.append({"example_id": example_id, **ex})
-        if limit is not None and len(rows) >= limit:
-            break
-    if bad and on_bad_row == "error":
-        shown = "\n  ".join(str(b) for b in bad[:_SHOWN_ERRORS])
-        more = f"\n  ... and {len(bad) - _SHOWN_ERRORS} more" if len(bad) > _SHOWN_ERRORS else ""
-        raise DataError(
-            f"{len(bad)} bad row(s) in {source}:\n  {shown}{more}\n"
-            "Fix them, or set data.on_bad_row=skip to drop and count them."
-        )
-    if not rows:
-        raise DataError(f"{source}: no usable rows")
-    return Pool(pa.Table.from_pylist(rows, schema=POOL_SCHEMA), source, bad)
+            os.rename(tmp, final)  # atomic: the directory is complete or absent
+        except OSError:  # another process cached the same pool first: the same rows, keep theirs
+            if not (final / "meta.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Pool(final, source, bad)
+
+
+def pools_dir(cache_dir: Optional[str | Path] = None) -> Path:
+    """Where validated pools are kept: data.cache_dir, else $DEFT_POOL_CACHE, else $DEFT_CACHE (or
+    ~/.cache/deft), then pools/."""
+    if not cache_dir and os.environ.get("DEFT_POOL_CACHE"):
+        return Path(os.environ["DEFT_POOL_CACHE"])
+    return Path(cache_dir or os.environ.get("DEFT_CACHE") or Path.home() / ".cache" / "deft") / "pools"
+
+
+def _pool_key(source: str, task: Task, *args) -> str:
+    """Names a cached pool: the same source file (by path, size and mtime), task and load arguments."""
+    stamp = None
+    if source != "demo" and not source.startswith("hf:"):
+        try:
+            st = Path(source).stat()
+            stamp = [str(Path(source).resolve()), st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamp = None  # a missing file: read_rows raises the error that names it
+    blob = json.dumps([POOL_FORMAT, source, stamp, repr(task), *args], default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:20]
+
+
+def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], limit: Optional[int],
+                require_label: bool, demo_size: int, seed: int, split: str) -> tuple[list[BadRowRecord], int]:
+    """Validate the source row by row into out/inputs.parquet and out/labels.parquet (whole row groups of
+    ROW_GROUP_ROWS); returns the bad rows and the number of good ones. Memory stays flat whatever the source's size: rows are held a
+    row group at a time, and duplicate ids are found at the end from the written id column, so the driver
+    never builds a set of every id (at 10M rows that set alone would take about 1 GB)."""
+    bad: list[BadRowRecord] = []
+    pending: list[dict] = []
+    lines = array("q")  # the source line of each good row: 8 bytes a row, for naming duplicates
+    writers = _PoolWriters(out)
+    try:
+        for line, row in read_rows(source, demo_size, seed, split):
+            try:
+                if isinstance(row, BadRow):
+                    raise row
+                example_id = _row_id(row, id_field, task.input_fields)
+                ex = task.example(row, require_label=require_label)
+            except BadRow as e:
+                bad.append(BadRowRecord(source, line, e.field, str(e).split(": ", 1)[1]))
+                continue
+            pending.append({"example_id": example_id, **ex})
+            lines.append(line)
+            if len(pending) == ROW_GROUP_ROWS:
+                writers.write(pending)
+                pending = []
+            if limit is not None and len(lines) >= limit:
+                break
+        if pending:
+            writers.write(pending)
+    finally:
+        writers.close()
+    if not lines:
+        return bad, 0
+    ids = pq.read_table(out / "inputs.parquet", columns=["example_id"]).column("example_id")
+    if pc.count_distinct(ids).as_py() < len(ids):
+        lines_np = np.frombuffer(lines, dtype=np.int64)
+        dupes = _duplicates(ids, lines_np)
+        for line, example_id, first in dupes:
+            bad.append(BadRowRecord(source, line, id_field or "<row>", f"duplicate example_id {example_id!r} (first seen at line {first})"))
+        _drop_lines(out, lines_np, np.asarray([d[0] for d in dupes]))
+        bad.sort(key=lambda b: b.line)
+    return bad, len(lines)
+
+
+class _PoolWriters:
+    def __init__(self, out: Path):
+        self.inputs = pq.ParquetWriter(out / "inputs.parquet", INPUTS_SCHEMA)
+        self.labels = pq.ParquetWriter(out / "labels.parquet", LABELS_SCHEMA)
+
+    def write(self, rows: list[dict]) -> None:
+        t = pa.Table.from_pylist(rows, schema=POOL_SCHEMA)
+        n_chars = pc.utf8_length(t.column("prompt")).cast(pa.int32())
+        self.inputs.write_table(pa.table([t.column("example_id"), t.column("prompt"), n_chars], schema=INPUTS_SCHEMA),
+                                row_group_size=ROW_GROUP_ROWS)
+        self.labels.write_table(t.select(LABELS_SCHEMA.names), row_group_size=ROW_GROUP_ROWS)
+
+    def close(self) -> None:
+        self.inputs.close()
+        self.labels.close()
+
+
+def _duplicates(ids: pa.ChunkedArray, lines: np.ndarray) -> list[tuple[int, str, int]]:
+    """(line, id, first line) for every row whose id an earlier row already has."""
+    t = pa.table({"example_id": ids, "line": lines})
+    counts = t.group_by("example_id").aggregate([("line", "min"), ("line", "count")])
+    repeated = counts.filter(pc.greater(counts.column("line_count"), 1))
+    if repeated.num_rows == 0:
+        return []
+    first = dict(zip(repeated.column("example_id").to_pylist(), repeated.column("line_min").to_pylist()))
+    rows = t.filter(pc.is_in(t.column("example_id"), value_set=repeated.column("example_id"))).to_pylist()
+    return [(r["line"], r["example_id"], first[r["example_id"]]) for r in rows if r["line"] != first[r["example_id"]]]
+
+
+def _drop_lines(out: Path, lines: np.ndarray, drop: np.ndarray) -> None:
+    """Rewrite both files without the rows of source lines `drop` (duplicates, with on_bad_row=skip)."""
+    keep = pa.array(~np.isin(lines, drop))
+    for name in ("inputs.parquet", "labels.parquet"):
+        table = pq.read_table(out / name).filter(keep)
+        pq.write_table(table, out / name, row_group_size=ROW_GROUP_ROWS)
 
 
 def pool_from_config(data, task: Task, seed: int, require_label: bool) -> Pool:
     """The pool a DataConfig names: data.path, cut to data.limit rows."""
     return load_pool(data.path, task, id_field=data.id_field, on_bad_row=data.on_bad_row, limit=data.limit,
-                     require_label=require_label, demo_size=data.demo_size, seed=seed)
+                     require_label=require_label, demo_size=data.demo_size, seed=seed, cache_dir=data.cache_dir)
 
 
 def eval_split_from_config(data, task: Task, seed: int, eval_limit: Optional[int]) -> Optional[Pool]:
@@ -234,4 +455,4 @@ def eval_split_from_config(data, task: Task, seed: int, eval_limit: Optional[int
     if not data.test_path:
         return None
     return load_pool(data.test_path, task, id_field=data.id_field, on_bad_row=data.on_bad_row, limit=eval_limit,
-                     require_label=True, demo_size=data.demo_size, seed=seed, split="test")
+                     require_label=True, demo_size=data.demo_size, seed=seed, split="test", cache_dir=data.cache_dir)

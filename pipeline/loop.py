@@ -24,7 +24,7 @@ from pipeline.io import read_parquet, write_json, write_parquet
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
-from pipeline.scoring import base_uncertainty
+from pipeline.scoring import base_uncertainty, in_order
 from pipeline.strategies import MEASURE_COLUMNS, RoundScores, get_strategy, measure_column, select
 from pipeline.tasks import get_task
 from pipeline.uncertainty import LambdaSchedule
@@ -177,15 +177,15 @@ class ActiveLearningRun:
 
     # ---- phases ----------------------------------------------------------------------------------------
     def _scoring(self, k: int) -> None:
-        unlabeled = self._candidates(k, self._unlabeled())
+        unlabeled = self._candidates(k, self._unlabeled())  # example_ids, in pool order
         if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
             write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
-        n, lora_columns = unlabeled.num_rows, {}
+        n, lora_columns = len(unlabeled), {}
         u_base = u_lora = base = lora = None
         cold_by_base = k == 0 and self.cfg.al.initial == "base_uncertainty"
         if self.strategy.uses_base or cold_by_base:  # scored once, in round 0, and cached
             whole = self.cfg.al.base_on_full_pool or self.cfg.al.candidates is None
-            base = base_uncertainty(self.scorer, self.pool.for_scoring() if whole else unlabeled,
+            base = base_uncertainty(self.scorer, self.pool.scoring_input(None if whole else unlabeled),
                                     self.run_dir.base_uncertainty_file, self.base_cache)
             u_base = _aligned(base, unlabeled, self.base_measure)
         if k == 0:  # cold start: no adapter has been trained yet
@@ -193,21 +193,23 @@ class ActiveLearningRun:
         else:
             if self.strategy.uses_lora:  # adapter k-1, trained on rounds 0..k-1, scores round k
                 self.scorer.set_adapter(self._adapter_state(k - 1))
-                lora = self.scorer.score(unlabeled.select(["example_id", "prompt"]), "lora", seed=self.cfg.seed)
-                lora_columns = {f"lora_{c}": _aligned(lora, unlabeled, c) for c in sorted(set(MEASURE_COLUMNS[self.task.kind].values()))}
+                measures = sorted(set(MEASURE_COLUMNS[self.task.kind].values()))
+                lora = self.scorer.score(self.pool.scoring_input(unlabeled), "lora", seed=self.cfg.seed,
+                                         columns=[*measures, "prediction", "confidence"])  # not the probs: 8 bytes a row each
+                lora_columns = {f"lora_{c}": _aligned(lora, unlabeled, c) for c in measures}
                 u_lora = lora_columns[f"lora_{self.strategy.measure}"]
             score = self.strategy.acquisition(RoundScores(n, u_base, u_lora, adapter=k - 1), self._rng(k, "strategy"))
         # The newest model's own answer and confidence, shown to annotators beside each row (label export);
         # null where this round scored nothing (random, the cold start).
         newest = lora if lora is not None else base
         write_parquet(self.run_dir.scores_file(k), pa.table({
-            "example_id": unlabeled.column("example_id"),
+            "example_id": unlabeled,
             "u_lora": pa.array(u_lora if u_lora is not None else [None] * n, pa.float64()),
             "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
             "score": pa.array(score, pa.float64()),
             **{name: pa.array(v, pa.float64()) for name, v in lora_columns.items()},
-            "prediction": pa.array(_aligned_values(newest, unlabeled, "prediction"), pa.string()),
-            "confidence": pa.array(_aligned_values(newest, unlabeled, "confidence"), pa.float64()),
+            "prediction": _aligned_values(newest, unlabeled, "prediction", pa.string()),
+            "confidence": _aligned_values(newest, unlabeled, "confidence", pa.float64()),
         }))
 
     def _selecting(self, k: int) -> None:
@@ -215,10 +217,10 @@ class ActiveLearningRun:
         b = self.cfg.al.initial_size if k == 0 else self.cfg.al.batch_size
         if self.cfg.al.budget is not None:
             b = min(b, self.cfg.al.budget - self.run_dir.read_labeled().num_rows)
-        ids = select(scores.column("example_id").to_pylist(), scores.column("score").to_numpy(), b, self._rng(k, "ties"))
-        by_id = dict(zip(scores.column("example_id").to_pylist(), scores.column("score").to_pylist()))
+        ids = select(scores.column("example_id"), scores.column("score").to_numpy(), b, self._rng(k, "ties"))
         write_parquet(self.run_dir.selected_file(k), pa.table({
-            "example_id": ids, "rank": list(range(len(ids))), "score": [by_id[e] for e in ids],
+            "example_id": pa.array(ids, pa.string()), "rank": list(range(len(ids))),
+            "score": in_order(scores, ids).column("score"),
         }))
 
     def _labeling(self, k: int) -> None:
@@ -295,7 +297,8 @@ class ActiveLearningRun:
         """A resumed run's labelled examples must all still be in the pool (data.path may have moved)."""
         if not self.run_dir.labeled_file.is_file():
             return
-        lost = set(self.run_dir.read_labeled().column("example_id").to_pylist()) - set(self.pool.example_ids)
+        have = self.run_dir.read_labeled().column("example_id")
+        lost = pc.filter(have, pc.invert(pc.is_in(have, value_set=self.pool.ids))).to_pylist()
         if lost:
             raise DataError(f"data.path: {self.cfg.data.path} lacks {len(lost)} of this run's labelled examples "
                             f"(e.g. {sorted(lost)[:3]}); a resumed run needs the pool it started with")
@@ -304,10 +307,10 @@ class ActiveLearningRun:
         """Accuracy and ECE on the test split; k=None evaluates the base model (adapter disabled)."""
         t0 = time.perf_counter()
         if k is None:  # the frozen base model: shareable between runs, like u_base
-            scored = base_uncertainty(self.scorer, self.test.for_scoring(), None, self.base_cache)
+            scored = base_uncertainty(self.scorer, self.test.scoring_input(), None, self.base_cache)
         else:
             self.scorer.set_adapter(self._adapter_state(k))
-            scored = self.scorer.score(self.test.for_scoring(), "eval")
+            scored = self.scorer.score(self.test.scoring_input(), "eval")
         labels = dict(zip(self.test.example_ids, self.test.table.column("label").to_pylist()))
         return {**evaluate(scored, labels, self.task, self.cfg.al.ece_bins), "eval_s": time.perf_counter() - t0}
 
@@ -326,19 +329,19 @@ class ActiveLearningRun:
                 for r, p in zip(labeled.to_pylist(), pool)]
         return pa.Table.from_pylist(rows)
 
-    def _candidates(self, k: int, unlabeled: pa.Table) -> pa.Table:
-        """al.candidates: a seeded random subset of the unlabelled rows (in pool order), a fresh one each
+    def _candidates(self, k: int, unlabeled: pa.Array) -> pa.Array:
+        """al.candidates: a seeded random subset of the unlabelled ids (in pool order), a fresh one each
         round; the whole of them without it, or when fewer remain."""
         n = self.cfg.al.candidates
-        if n is None or unlabeled.num_rows <= n:
+        if n is None or len(unlabeled) <= n:
             return unlabeled
-        keep = np.sort(self._rng(k, "candidates").choice(unlabeled.num_rows, size=n, replace=False))
+        keep = np.sort(self._rng(k, "candidates").choice(len(unlabeled), size=n, replace=False))
         return unlabeled.take(pa.array(keep, pa.int64()))
 
-    def _unlabeled(self) -> pa.Table:
+    def _unlabeled(self) -> pa.Array:
+        """The example_ids of the pool's unlabelled rows, in pool order (ids only: prompts stay on disk)."""
         have = self.run_dir.read_labeled().column("example_id")
-        table = self.pool.table.select(["example_id", "prompt"])
-        return table.filter(pc.invert(pc.is_in(table.column("example_id"), value_set=have)))
+        return self.pool.ids.filter(pc.invert(pc.is_in(self.pool.ids, value_set=have)))
 
     def _rng(self, k: int, purpose: str) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, k, sum(purpose.encode())])
@@ -391,16 +394,15 @@ def round_summary(run_dir: RunDir, k: int) -> str:
     return f"round {k}: {line.get('labels', '?')} labels, {acc} ({times})"
 
 
-def _aligned_values(scored: Optional[pa.Table], table: pa.Table, column: str) -> list:
-    """`scored[column]` in `table`'s row order (all None if nothing was scored)."""
+def _aligned_values(scored: Optional[pa.Table], ids: pa.Array, column: str, type: pa.DataType) -> pa.Array:
+    """`scored[column]` in the order of `ids` (all null if nothing was scored)."""
     if scored is None:
-        return [None] * table.num_rows
-    values = dict(zip(scored.column("example_id").to_pylist(), scored.column(column).to_pylist()))
-    return [values[e] for e in table.column("example_id").to_pylist()]
+        return pa.nulls(len(ids), type)
+    return in_order(scored.select(["example_id", column]), ids).column(column).combine_chunks().cast(type)
 
 
-def _aligned(scored: pa.Table, table: pa.Table, column: str) -> np.ndarray:
-    return np.array(_aligned_values(scored, table, column), dtype=np.float64)
+def _aligned(scored: pa.Table, ids: pa.Array, column: str) -> np.ndarray:
+    return _aligned_values(scored, ids, column, pa.float64()).to_numpy(zero_copy_only=False)
 
 
 def _self_training_line(summary: dict) -> dict:

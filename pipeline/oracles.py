@@ -26,15 +26,18 @@ IMPORTED_SCHEMA = pa.schema([("example_id", pa.string()), ("label", pa.string())
 
 
 class SimulatedOracle:
+    """Reveals the pool's hidden label column, and only for the ids asked about (read from disk then)."""
+
     def __init__(self, pool: Pool):
-        self._labels = dict(zip(pool.example_ids, pool.table.column("label").to_pylist()))
+        self._pool = pool
 
     def label(self, example_ids: list[str], round: int) -> pa.Table:
-        missing = [e for e in example_ids if self._labels.get(e) is None]
+        labels = self._pool.rows(example_ids, ["label"]).column("label").to_pylist()
+        missing = [e for e, label in zip(example_ids, labels) if label is None]
         if missing:
             raise ValueError(f"the simulated oracle has no label for {len(missing)} selected ids (e.g. {missing[:3]})")
         return pa.Table.from_pylist(
-            [{"example_id": e, "label": self._labels[e], "round_added": round, "source": "oracle"} for e in example_ids],
+            [{"example_id": e, "label": label, "round_added": round, "source": "oracle"} for e, label in zip(example_ids, labels)],
             schema=LABELED_SCHEMA,
         )
 

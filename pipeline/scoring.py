@@ -1,30 +1,42 @@
-"""Driver side of pool scoring: long-lived scoring actors, Ray Data sharding, exactly-once results.
+"""Driver side of pool scoring: long-lived scoring actors, work by reference, exactly-once results.
+
+The driver never holds the prompts. It plans units of work from example_ids and prompt lengths alone
+(`plan_units`: row group, row offsets), the scorers read those rows of the pool's label-free inputs file
+themselves, score them and write their scores as Parquet, and the driver reads back the score columns.
+So the driver's memory and CPU per call grow with the ids, not with the text (benchmarks.pool_scale).
 
 Ray is imported inside the functions so that the rest of `pipeline` stays importable and testable
 without it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+import tempfile
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
-from pipeline.data import SCORER_COLUMNS
+from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, write_inputs
 from pipeline.io import read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 
 
-PROGRESS_STEPS = 4  # shards per actor per call: progress granularity; the blocks themselves do not change
+PROGRESS_STEPS = 4  # units per actor in a small call: progress and balance; the micro-batches do not change
 # A scorer that dies (OOM killer, a lost node) is restarted by Ray up to this many times per actor, and its
-# shards are scored again; a score is a pure function of (block, mode, seed, adapter), so the result is
-# the same as if it had never died.
+# units are scored again; a score is a pure function of (micro-batch, mode, seed, adapter), so the result
+# is the same as if it had never died.
 MAX_RESTARTS = 3
 START_TIMEOUT_S = 30.0  # scorers still unplaced after this long, for want of resources, are an error
 
@@ -34,45 +46,77 @@ class ScoringError(RuntimeError):
 
 
 def length_sorted_blocks(table: pa.Table, rows_per_block: int) -> list[pa.Table]:
-    """Sort by prompt length (then id, for a fixed order) and cut into blocks of one micro-batch each.
+    """Sort by prompt length, longest first (ties keep the table's order), and cut into blocks of one
+    micro-batch each: the blocks the scorers see for a table that fits one row group (`plan_units`).
 
     Sorting makes each batch pad only to its own longest prompt. Fixed blocks make a row's batch-mates,
-    and so its dropout masks, the same whichever actor scores it. Longest first: actors pull blocks as
-    they free up, so the short blocks at the end even out the finish.
+    and so its dropout masks, the same whichever actor scores it.
     """
-    lengths = pc.utf8_length(table.column("prompt"))
-    table = table.append_column("_len", lengths).sort_by([("_len", "descending"), ("example_id", "ascending")])
-    table = table.drop_columns(["_len"])
+    lengths = pc.utf8_length(table.column("prompt")).to_numpy(zero_copy_only=False)
+    table = table.take(pa.array(np.argsort(-lengths, kind="stable"), pa.int64()))
     return [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)]
 
 
-def deal_blocks(blocks: list[pa.Table], n: int) -> list[list[pa.Table]]:
-    """Deal length-sorted blocks to n actors in snake order (0,1,..,n-1,n-1,..,0,0,..), so every actor gets
-    a near-equal share of long and short blocks."""
-    hands: list[list[pa.Table]] = [[] for _ in range(n)]
-    for i, block in enumerate(blocks):
-        turn, pos = divmod(i, n)
-        hands[pos if turn % 2 == 0 else n - 1 - pos].append(block)
-    return hands
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work for a scorer: rows `offsets` (in this order) of row group `group` of the inputs
+    file, scored in consecutive micro-batches of `batch_size`."""
+    index: int
+    group: int
+    offsets: np.ndarray
+    longest: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.offsets)
 
 
-def check_exactly_once(expected: list[str], got: pa.Table) -> None:
-    """Raise unless `got` has exactly one row per expected example_id."""
-    ids = got.column("example_id").to_pylist()
-    dupes = len(ids) - len(set(ids))
-    missing = set(expected) - set(ids)
-    extra = set(ids) - set(expected)
-    if dupes or missing or extra:
+def plan_units(inp: ScoringInput, batch_size: int, n_actors: int, steps: int = PROGRESS_STEPS) -> list[Unit]:
+    """Cut the rows of `inp` into micro-batches and the micro-batches into units, on ids and lengths alone.
+
+    Within each row group the rows are sorted by prompt length, longest first (ties in file order), and cut
+    into micro-batches of `batch_size`: a row's batch-mates, and so its MC dropout masks, depend on the
+    rows being scored, never on which actor scores them or how many there are. A unit is up to a row
+    group's worth of consecutive micro-batches, fewer when the call is small, so every actor gets about
+    `steps` units (progress, balance). Units come longest first: actors pull them as they free up, so the
+    short ones even out the finish.
+    """
+    n = inp.num_rows
+    if n == 0:
+        return []
+    group = inp.positions // inp.row_group_rows
+    order = np.lexsort((inp.positions, -inp.n_chars.astype(np.int64), group))
+    pos, group, lengths = inp.positions[order], group[order], inp.n_chars[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    micro = -(-n // batch_size)
+    per_unit = int(min(max(1, -(-micro // (n_actors * steps))), max(1, inp.row_group_rows // batch_size)))
+    unit = rank // (batch_size * per_unit)
+    cuts = np.flatnonzero((np.diff(group) != 0) | (np.diff(unit) != 0)) + 1
+    units = [Unit(0, int(group[a]), pos[a:b] % inp.row_group_rows, int(lengths[a]))
+             for a, b in zip(np.r_[0, cuts], np.r_[cuts, n])]
+    units.sort(key=lambda u: -u.longest)
+    return [dataclasses.replace(u, index=i) for i, u in enumerate(units)]
+
+
+def check_exactly_once(expected, got: pa.Table) -> None:
+    """Raise unless `got` has exactly one row per expected example_id (a list or an Arrow array)."""
+    expected = as_id_array(expected)
+    ids = got.column("example_id")
+    dupes = len(ids) - pc.count_distinct(ids).as_py()
+    missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=ids)))
+    extra = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=expected)))
+    if dupes or len(missing) or len(extra):
         raise ScoringError(
-            f"scoring lost or duplicated rows: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+            f"scoring lost or duplicated rows: {len(missing)} missing (e.g. {sorted(missing.to_pylist())[:3]}), "
             f"{dupes} duplicated, {len(extra)} unexpected"
         )
 
 
-def in_order(table: pa.Table, example_ids: list[str]) -> pa.Table:
-    """Reorder `table` to follow `example_ids`."""
-    index = {e: i for i, e in enumerate(table.column("example_id").to_pylist())}
-    return table.take(pa.array([index[e] for e in example_ids], pa.int64()))
+def in_order(table: pa.Table, example_ids) -> pa.Table:
+    """Reorder `table` to follow `example_ids` (a list or an Arrow array; each must be in `table`)."""
+    at = pc.index_in(as_id_array(example_ids), value_set=table.column("example_id"))
+    return table.take(at)
 
 
 class PoolScorer:
@@ -159,60 +203,79 @@ class PoolScorer:
                 log.warning("scorer %d is gone for good; starting a new one", i)
                 self.actors[i] = self._remote.remote(**self._kwargs)
 
-    def score(self, table: pa.Table, mode: str, progress: bool = True, seed: Optional[int] = None,
-              on_part: Optional[Callable[[int, int], None]] = None) -> pa.Table:
-        """One row per example_id of `table` (example_id, prompt), in `table`'s order. `seed` seeds the MC
-        dropout masks (default: the config's), so runs of several seeds can share these actors. A scorer
-        that dies mid-call is revived and its shards scored again (exactly once in the result).
-        `on_part(actor index, rows)` is called as each shard comes back."""
+    def score(self, inputs: ScoringInput | pa.Table, mode: str, progress: bool = True, seed: Optional[int] = None,
+              on_part: Optional[Callable[[int, int], None]] = None, columns: Optional[list[str]] = None) -> pa.Table:
+        """One row per example_id of `inputs`, in its order: a pool's rows by reference (`Pool.scoring_input`),
+        which the scorers read from the pool's label-free inputs file themselves, or an in-memory table of
+        exactly (example_id, prompt). `seed` seeds the MC dropout masks (default: the config's), so runs of
+        several seeds can share these actors. Each scorer writes its scores as Parquet beside the inputs;
+        the driver reads back `columns` (default all). A scorer that dies mid-call is revived and its units
+        scored again (exactly once in the result). `on_part(actor index, rows)` is called as each unit
+        comes back."""
+        if isinstance(inputs, pa.Table):
+            if inputs.column_names != SCORER_COLUMNS:
+                raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {inputs.column_names}")
+            with tempfile.TemporaryDirectory(prefix="deft-score-") as tmp:
+                return self.score(write_inputs(inputs, tmp), mode, progress, seed, on_part, columns)
+        if inputs.num_rows == 0:
+            raise ScoringError("nothing to score: the pool is empty")
+        scores = Path(inputs.path).parent / "scores"
+        scores.mkdir(exist_ok=True)
+        out = Path(tempfile.mkdtemp(dir=scores, prefix=f"{mode}-"))
+        try:
+            self._dispatch(inputs, mode, self.cfg.seed if seed is None else seed, out, progress, on_part)
+            result = pq.read_table(out, columns=columns and ["example_id", *[c for c in columns if c != "example_id"]])
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        check_exactly_once(inputs.example_ids, result)
+        return in_order(result, inputs.example_ids)
+
+    def _dispatch(self, inputs: ScoringInput, mode: str, seed: int, out: Path, progress: bool,
+                  on_part: Optional[Callable[[int, int], None]]) -> None:
+        """Keep every actor busy with units (two in flight each, so none waits for the next) until all are
+        written. Work goes out as (file, row group, offsets): a few bytes a unit, whatever the pool's size.
+
+        Ray Data's `streaming_split` would also feed long-lived actors from a dataset, but a split whose
+        consumer dies cannot hand that consumer's blocks to anyone else; here a dead actor's units go back
+        in the queue and are scored again, with the same masks, on the revived actor."""
         import ray
         from ray.exceptions import RayActorError
 
-        if table.column_names != SCORER_COLUMNS:
-            raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {table.column_names}")
-        if table.num_rows == 0:
-            raise ScoringError("nothing to score: the pool is empty")
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # per-row progress bars cost CPU that the scorers need
-        ctx.enable_auto_log_stats = False
-        # A static split of fixed blocks: Ray Data's streaming_split would balance dynamically, but it starts
-        # a coordinator actor (a new process) on every call and keeps it polling while the actors score.
-        # Each actor's blocks go in a few sequential shards, so the driver can show progress as they finish.
-        hands = deal_blocks(length_sorted_blocks(table, self.cfg.scoring.batch_size), len(self.actors))
-        pieces = [(a, hand[i::PROGRESS_STEPS]) for a, hand in zip(self.actors, hands) for i in range(PROGRESS_STEPS)]
-        pieces = [(a, blocks) for a, blocks in pieces if blocks]
-        ds = ray.data.from_arrow([block for _, blocks in pieces for block in blocks])
-        sizes = [sum(b.num_rows for b in blocks) for _, blocks in pieces]
-        shards = ds.split_at_indices([sum(sizes[: i + 1]) for i in range(len(sizes) - 1)])
-        seed = self.cfg.seed if seed is None else seed
-        index = {id(a): i for i, a in enumerate(self.actors)}
-        work = [(index[id(a)], shard, n) for (a, _), shard, n in zip(pieces, shards, sizes)]
-        refs = {self.actors[i].score_shard.remote(shard, mode, seed): (i, shard, n) for i, shard, n in work}
-        parts, pending, deaths = [], list(refs), 0
-        with tqdm(total=table.num_rows, desc=f"scoring ({mode})", unit="row", disable=not progress, leave=False) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                i, shard, n = refs.pop(done[0])
+        bs = self.cfg.scoring.batch_size
+        queue = deque(plan_units(inputs, bs, len(self.actors)))
+        inflight: dict = {}
+        deaths = 0
+
+        def submit(i: int) -> None:
+            if queue:
+                u = queue.popleft()
+                ref = self.actors[i].score_unit.remote(inputs.path, u.group, u.offsets, bs, mode, seed,
+                                                       str(out / f"part-{u.index:06d}.parquet"))
+                inflight[ref] = (i, u)
+
+        for _ in range(2):
+            for i in range(len(self.actors)):
+                submit(i)
+        with tqdm(total=inputs.num_rows, desc=f"scoring ({mode})", unit="row", disable=not progress, leave=False) as bar:
+            while inflight:
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                i, u = inflight.pop(done[0])
                 try:
-                    parts.append(ray.get(done[0]))
-                except RayActorError as e:  # the actor died mid-shard: score that shard again, on a revived actor
+                    ray.get(done[0])
+                except RayActorError as e:  # the actor died mid-unit: score that unit again, on a revived actor
                     deaths += 1
                     self.deaths += 1
-                    if deaths > MAX_RESTARTS * len(self.actors):
+                    if deaths > MAX_RESTARTS * len(self.actors) * 2:
                         raise
-                    log.warning("scorer %d died (%s); scoring its shard of %d rows again", i, type(e).__name__, n)
+                    log.warning("scorer %d died (%s); scoring its unit of %d rows again", i, type(e).__name__, u.rows)
                     self._revive(i)
-                    ref = self.actors[i].score_shard.remote(shard, mode, seed)
-                    refs[ref] = (i, shard, n)
-                    pending.append(ref)
+                    queue.appendleft(u)
+                    submit(i)
                     continue
-                bar.update(n)
+                bar.update(u.rows)
                 if on_part is not None:
-                    on_part(i, n)
-        result = pa.concat_tables([p for p in parts if p is not None], promote_options="default")
-        ids = table.column("example_id").to_pylist()
-        check_exactly_once(ids, result)
-        return in_order(result, ids)
+                    on_part(i, u.rows)
+                submit(i)
 
     def shutdown(self) -> None:
         import ray
@@ -226,35 +289,45 @@ def _known(path: Optional[Path]) -> Optional[pa.Table]:
     return read_parquet(path) if path is not None and Path(path).is_file() else None
 
 
-def _missing(table: pa.Table, known: Optional[pa.Table]) -> pa.Table:
+def _ids(inputs: ScoringInput | pa.Table) -> pa.Array:
+    return inputs.example_ids if isinstance(inputs, ScoringInput) else as_id_array(inputs.column("example_id"))
+
+
+def _without(inputs: ScoringInput | pa.Table, known: Optional[pa.Table]) -> ScoringInput | pa.Table:
+    """The rows of `inputs` whose example_id `known` lacks."""
     if known is None:
-        return table
-    return table.filter(pc.invert(pc.is_in(table.column("example_id"), value_set=known.column("example_id"))))
+        return inputs
+    new = pc.invert(pc.is_in(_ids(inputs), value_set=known.column("example_id")))
+    if isinstance(inputs, pa.Table):
+        return inputs.filter(new)
+    keep = new.to_numpy(zero_copy_only=False)
+    return dataclasses.replace(inputs, positions=inputs.positions[keep], n_chars=inputs.n_chars[keep],
+                               example_ids=inputs.example_ids.filter(new))
 
 
 def _union(a: Optional[pa.Table], b: Optional[pa.Table]) -> Optional[pa.Table]:
     if a is None or b is None:
         return a if b is None else b
-    return pa.concat_tables([a, _missing(b, a)], promote_options="default")
+    return pa.concat_tables([a, _without(b, a)], promote_options="default")
 
 
-def base_uncertainty(scorer: PoolScorer, table: pa.Table, cache: Optional[Path] = None,
+def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache: Optional[Path] = None,
                      shared: Optional[Path] = None) -> pa.Table:
-    """Base-model scores for every row of `table`, in its order: the frozen base never changes, so a row
-    is scored once and cached.
+    """Base-model scores for every row of `inputs` (`Pool.scoring_input` or an (example_id, prompt) table),
+    in its order: the frozen base never changes, so a row is scored once and cached.
 
     `cache` is the run's own file (base_uncertainty.parquet). `shared` is a file several runs share
     (`deft compare`): the base model's output for a row depends only on its prompt, so rows any run has
     scored are copied, not re-scored. Both are rewritten atomically; a lost race on `shared` only means a
     row is scored again later.
     """
-    ids = table.column("example_id").to_pylist()
+    ids = _ids(inputs)
     own, common = _known(cache), _known(shared)
     known = _union(own, common)
-    todo = _missing(table, known)
+    todo = _without(inputs, known)
     fresh = scorer.score(todo, "base") if todo.num_rows else None
     known = _union(known, fresh)
-    keep = known.filter(pc.is_in(known.column("example_id"), value_set=pa.array(ids, pa.string())))
+    keep = known.filter(pc.is_in(known.column("example_id"), value_set=ids))
     check_exactly_once(ids, keep)
     grown = _union(own, keep)  # rows this call needed that the run's own cache lacked (candidates differ per round)
     if cache is not None and (own is None or grown.num_rows > own.num_rows):

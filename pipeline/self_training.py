@@ -125,10 +125,10 @@ class RoundSelfTraining:
 
     def _pseudo_label(self, teacher_state: dict) -> pa.Table:
         """The teacher's label-word distribution on every unlabelled row (eval mode, label-free)."""
-        unlabeled = self.run._unlabeled()
         scorer = self.run.scorer
         scorer.set_adapter(teacher_state)
-        scored = scorer.score(unlabeled.select(["example_id", "prompt"]), "eval")
+        scored = scorer.score(self.run.pool.scoring_input(self.run._unlabeled()), "eval",
+                              columns=["probs", "confidence", "prediction"])
         conf = scored.column("confidence")
         min_conf = self.cfg.self_training.min_confidence
         if min_conf is not None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from pipeline.config import MEASURE_STRATEGIES, STRATEGY_NAMES
@@ -135,13 +136,16 @@ def get_strategy(name: str, task_kind: str = "verbalizer", measure: str = "auto"
     return Uncertainty(column)
 
 
-def select(example_ids: list[str], acquisition: np.ndarray, b: int, rng: np.random.Generator) -> list[str]:
-    """The b highest-scoring example_ids, best first; equal scores are ordered by a seeded random key."""
+def select(example_ids, acquisition: np.ndarray, b: int, rng: np.random.Generator) -> list[str]:
+    """The b highest-scoring example_ids (a list or an Arrow array), best first; equal scores are ordered
+    by a seeded random key."""
     if len(example_ids) != len(acquisition):
         raise ValueError(f"{len(example_ids)} ids but {len(acquisition)} scores")
     acquisition = np.asarray(acquisition, dtype=np.float64)
     if np.isnan(acquisition).any():
         raise ValueError("acquisition scores contain NaN")
     tiebreak = rng.random(len(example_ids))
-    order = np.lexsort((tiebreak, -acquisition))  # last key is primary
-    return [example_ids[i] for i in order[: min(b, len(example_ids))]]
+    top = np.lexsort((tiebreak, -acquisition))[: min(b, len(example_ids))]  # last key is primary
+    if isinstance(example_ids, (pa.Array, pa.ChunkedArray)):
+        return example_ids.take(pa.array(top, pa.int64())).to_pylist()
+    return [example_ids[i] for i in top]

@@ -1,8 +1,5 @@
-"""Shared fixtures: a tiny random Llama with an in-process BPE tokenizer, configs for it, local Ray.
-
-Nothing here touches the network: the tokenizer is trained from strings in this file and the model is
-built from a config with a fixed seed.
-"""
+"""Shared fixtures: a tiny random Llama with an in-process BPE tokenizer (benchmarks.tiny_model), configs
+for it, local Ray. Nothing here touches the network."""
 from __future__ import annotations
 
 import os
@@ -11,60 +8,28 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+if "DEFT_POOL_CACHE" not in os.environ:  # the pools the tests load go to a scratch dir, not ~/.cache/deft
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["DEFT_POOL_CACHE"] = tempfile.mkdtemp(prefix="deft-test-pools-")
+    atexit.register(shutil.rmtree, os.environ["DEFT_POOL_CACHE"], True)
 
 from pathlib import Path
 
 import pytest
-import torch
 
+from benchmarks.tiny_model import build_tokenizer, save_tiny_model, trained_like_adapter  # noqa: F401 (re-exported)
 from pipeline.config import Config, from_dict, to_dict
-from pipeline.demo import demo_rows
 
 # The project takes the shared datasets by path (they are never committed): ../shared/datasets.
 SHARED = Path(os.environ.get("DEFT_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 
-def build_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [r["question"] + " " + r["answer"] for r in demo_rows(200, seed=1)]
-    corpus += ["Question: how many? Answer: 3 + 4 = 7 #### 7", " A B C D true false The correct answer is"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def build_tiny_model(vocab_size: int, attention_dropout: float = 0.0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        attention_dropout=attention_dropout,
-    )
-    return LlamaForCausalLM(config)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = build_tokenizer()
-    build_tiny_model(len(tok)).save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def tiny_config(model_dir: str, **sections) -> Config:
@@ -92,15 +57,6 @@ def scorer_kwargs(cfg: Config, model_dir: str) -> dict:
         scoring=to_dict(cfg.scoring),
         seed=cfg.seed,
     )
-
-
-def trained_like_adapter(state: dict, seed: int = 0, scale: float = 0.5) -> dict:
-    """A copy of `state` with nonzero B matrices: LoRA dropout only changes outputs once B != 0."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        k: (torch.randn(v.shape, generator=g, dtype=torch.float32) * scale).to(v.dtype) if "lora_B" in k else v.clone()
-        for k, v in state.items()
-    }
 
 
 @pytest.fixture(scope="session")

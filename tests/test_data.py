@@ -163,3 +163,50 @@ def test_rows_looks_up_ids_in_the_order_asked_and_names_a_missing_one():
     assert pool.rows(pa.array(ids[:2]), ["prompt"]).num_rows == 2
     with pytest.raises(KeyError, match="'nope'"):
         pool.rows([ids[0], "nope"], ["prompt"])
+
+
+# ---- the pool on disk: the driver keeps ids and lengths, prompts and labels stay in Parquet --------------
+
+def test_a_pool_lives_in_two_parquet_files_and_scorers_read_the_label_free_one(tmp_path):
+    pool = load_pool(str(write_jsonl(tmp_path / "p.jsonl", [row(i, "true" if i % 2 else "false") for i in range(9)])),
+                     boolq(), cache_dir=tmp_path / "cache")
+    assert pq.read_schema(pool.inputs_path).names == ["example_id", "prompt", "n_chars"]  # no label, no target
+    assert pq.read_schema(pool.labels_path).names == ["example_id", "label", "target"]
+    assert pool.table.column("label").to_pylist() == ["false", "true"] * 4 + ["false"]
+    assert pool.n_chars.tolist() == [len(p) for p in pool.table.column("prompt").to_pylist()]
+    inp = pool.scoring_input([pool.example_ids[5], pool.example_ids[2]])
+    assert inp.positions.tolist() == [2, 5] and inp.example_ids.to_pylist() == [pool.example_ids[2], pool.example_ids[5]]
+
+
+def test_rows_reads_across_row_groups(tmp_path, monkeypatch):
+    import pipeline.data as data
+
+    monkeypatch.setattr(data, "ROW_GROUP_ROWS", 4)
+    pool = load_pool(str(write_jsonl(tmp_path / "p.jsonl", [row(i) for i in range(11)])), boolq(), cache_dir=tmp_path)
+    assert pq.ParquetFile(pool.inputs_path).num_row_groups == 3 and pool.row_group_rows == 4
+    ids = [pool.example_ids[i] for i in (10, 0, 5, 4, 9)]
+    assert pool.rows(ids, ["example_id"]).column("example_id").to_pylist() == ids
+    assert pool.rows(ids, ["prompt"]).column("prompt").to_pylist() == [boolq().prompt(row(i)) for i in (10, 0, 5, 4, 9)]
+
+
+def test_a_loaded_pool_is_reused_until_its_file_changes(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [row(i) for i in range(5)])
+    a = load_pool(str(path), boolq(), cache_dir=tmp_path / "cache")
+    assert load_pool(str(path), boolq(), cache_dir=tmp_path / "cache").dir == a.dir
+    assert load_pool(str(path), boolq(), cache_dir=tmp_path / "cache", limit=3).dir != a.dir  # other arguments
+    write_jsonl(path, [row(i) for i in range(6)])
+    b = load_pool(str(path), boolq(), cache_dir=tmp_path / "cache")
+    assert b.dir != a.dir and len(b) == 6 and len(a) == 5
+
+
+def test_a_bad_source_leaves_nothing_in_the_cache(tmp_path, bad_file):
+    with pytest.raises(DataError):
+        load_pool(str(bad_file), boolq(), cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "pools").iterdir()) == []
+
+
+def test_skipped_duplicates_are_dropped_from_both_files(tmp_path, bad_file):
+    pool = load_pool(str(bad_file), boolq(), on_bad_row="skip", cache_dir=tmp_path / "cache")
+    assert len(pool) == 2 and pq.read_table(pool.labels_path).num_rows == 2
+    again = load_pool(str(bad_file), boolq(), on_bad_row="skip", cache_dir=tmp_path / "cache")  # from the cache
+    assert [b.line for b in again.skipped] == [2, 3, 4, 5, 6] and again.example_ids == pool.example_ids

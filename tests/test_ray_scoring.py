@@ -100,3 +100,40 @@ def test_base_uncertainty_is_cached(pool_scorer, pool_table, tmp_path):
 def test_check_exactly_once_reports_losses():
     with pytest.raises(ScoringError, match="1 missing.*1 duplicated"):
         check_exactly_once(["a", "b", "c"], pa.table({"example_id": ["a", "a", "b"]}))
+
+
+def _micro_batches(units, bs):
+    return sorted((u.group, tuple(u.offsets[i:i + bs])) for u in units for i in range(0, u.rows, bs))
+
+
+def test_units_cover_every_row_once_and_their_micro_batches_do_not_depend_on_the_actors(pool_table, tmp_path):
+    from pipeline.data import write_inputs
+    from pipeline.scoring import plan_units
+
+    inp = write_inputs(pool_table, tmp_path, row_group_rows=16)  # 41 rows: row groups of 16, 16 and 9
+    one, four = plan_units(inp, 4, 1), plan_units(inp, 4, 4)
+    assert len(four) > len(one) >= 3  # more actors, smaller units; never across a row group
+    for units in (one, four):
+        rows = sorted(u.group * 16 + int(o) for u in units for o in u.offsets)
+        assert rows == list(range(41))
+        assert [u.index for u in units] == list(range(len(units))) and all(u.offsets.max() < 16 for u in units)
+    assert _micro_batches(one, 4) == _micro_batches(four, 4)  # the same batch-mates, so the same MC masks
+    lengths = inp.n_chars
+    for group, batch in _micro_batches(one, 4):  # each row group is cut longest first
+        assert list(lengths[[group * 16 + o for o in batch]]) == sorted(lengths[[group * 16 + o for o in batch]], reverse=True)
+
+
+def test_a_pool_of_several_row_groups_scores_like_single_process_per_group(pool_scorer, local_scorer, pool_table, cfg, tmp_path):
+    from pipeline.data import write_inputs
+
+    state = trained_like_adapter(adapter_state(local_scorer.model), seed=1)
+    pool_scorer.set_adapter(state)
+    local_scorer.set_adapter(state)
+    inp = write_inputs(pool_table, tmp_path, row_group_rows=16)
+    out = pool_scorer.score(inp, "lora", columns=["bald"])
+    assert out.column_names == ["example_id", "bald"]
+    assert out.column("example_id").to_pylist() == pool_table.column("example_id").to_pylist()
+    ref = pa.concat_tables([_blockwise(local_scorer, pool_table.slice(g, 16), "lora", cfg.scoring.batch_size)
+                            for g in (0, 16, 32)])
+    assert torch.allclose(torch.tensor(out.column("bald").to_pylist()), torch.tensor(ref.column("bald").to_pylist()), atol=1e-6)
+    assert not any((tmp_path / "scores").iterdir())  # the scorers' Parquet parts are gone once read

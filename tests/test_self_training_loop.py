@@ -5,6 +5,7 @@ import hashlib
 
 import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io import read_parquet
@@ -42,12 +43,12 @@ def digest(path):
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir, scorer, tmp_path_factory):
     path = tmp_path_factory.mktemp("st") / "run"
-    seen = []  # every table the teacher scorer is handed
+    seen = []  # what every scoring call reads: the columns of the file the scorers are pointed at
     original = scorer.score
 
-    def spy(table, mode, **kw):
-        seen.append((mode, table.column_names))
-        return original(table, mode, **kw)
+    def spy(inputs, mode, **kw):
+        seen.append((mode, pq.read_schema(inputs.path).names))
+        return original(inputs, mode, **kw)
 
     scorer.score = spy
     try:
@@ -62,7 +63,7 @@ def test_self_training_run_dir_and_accounting(reference):
     rd = RunDir(path)
     assert [m["labels"] for m in metrics] == [6, 11]  # gold only: pseudo rows are not labels
     assert set(rd.read_labeled().column("source").to_pylist()) == {"oracle"}
-    assert all(cols == ["example_id", "prompt"] for _, cols in seen)  # label-free teacher
+    assert all(cols == ["example_id", "prompt", "n_chars"] for _, cols in seen)  # label-free teacher
     assert sum(1 for mode, _ in seen if mode == "eval") >= 4  # 2 rounds x 2 sessions of pseudo-labelling
     labeled = rd.read_labeled()
     for k, m in enumerate(metrics):
