@@ -2,6 +2,7 @@
 where the logs are) and none of Ray's or the libraries' chatter; -v brings the workers' output back."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from pipeline.config import to_dict
+from pipeline.run_dir import RunDir
 
 from conftest import tiny_config
 
@@ -40,8 +42,9 @@ def _config(tmp_path: Path, model_dir: str, rounds: int = 1, **train) -> Path:
 
 
 def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
+    """Also the whole loop under Ray Train + DeepSpeed: two rounds, the second warm-started from the first."""
     run = tmp_path / "run"
-    done = _deft("run", str(_config(tmp_path, tiny_model_dir, backend="ray")), "--run-dir", str(run))
+    done = _deft("run", str(_config(tmp_path, tiny_model_dir, rounds=2, backend="ray")), "--run-dir", str(run))
     console = (done.stdout + done.stderr).replace("\r", "\n")
     assert done.returncode == 0, console
     noise = [line for line in console.splitlines() if NOISE.search(line)]
@@ -53,6 +56,11 @@ def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
     assert len(re.findall(r"^logs: .*driver\.log; Ray's worker logs: ", console, re.M)) == 1, console
     log = (run / "logs" / "driver.log").read_text()
     assert "round 0: training" in log  # the driver's own log lines went to the file, not the console
+    rd = RunDir(run)
+    assert rd.read_state().phase == "done" and [m["labels"] for m in rd.read_metrics()] == [6, 11]
+    for k in (0, 1):
+        assert (rd.adapter_dir(k) / "adapter_model.safetensors").is_file()
+        assert json.loads((rd.round_dir(k) / "train_metrics.json").read_text())["world_size"] == 2  # train.num_workers
 
 
 def test_verbose_brings_the_workers_output_back(tmp_path, tiny_model_dir):

@@ -76,10 +76,13 @@ def test_two_workers_produce_one_adapter(ray_local, tiny_model_dir, labeled, tmp
 
 
 def test_warm_start_continues_from_the_given_adapter(ray_local, tiny_model_dir, labeled, tmp_path):
+    from actors.model import adapter_state, attach_lora
+
     cfg = tiny_config(tiny_model_dir, train={"epochs": 1, "lr": 1e-9, "batch_size": 8, "weight_decay_b": 0.0})
-    first = _fit(cfg, tiny_model_dir, labeled, tmp_path / "a", ray_local, workers=1)
-    init = {k: v + 0.25 if "lora_B" in k else v for k, v in first.state.items()}
+    fresh = adapter_state(attach_lora(load_model(tiny_model_dir, cfg.model), cfg.lora))  # a fit's keys, B = 0
+    init = {k: v + 0.25 if "lora_B" in k else v for k, v in fresh.items()}
     warm = _fit(cfg, tiny_model_dir, labeled, tmp_path / "b", ray_local, workers=1, init_state=init)
+    assert set(warm.state) == set(init)
     for k in init:  # with lr ~ 0 and no decay, a warm start ends where it began
         assert torch.allclose(warm.state[k], init[k], atol=1e-5), k
 
