@@ -89,6 +89,9 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     write_pool(source, args.rows)
     print(f"wrote {args.rows:,} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+    import ray
+
+    owns_ray = not ray.is_initialized()  # joined, not started (a test's Ray): leave it running
     connect(None, os.cpu_count(), tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     rss_start = rss_mb()
     pool, load_s, load_cpu = timed(lambda: load_pool(str(source), demo(), cache_dir=cfg.data.cache_dir))
@@ -118,7 +121,8 @@ def main(argv=None) -> dict:
         assert picked.num_rows == args.select and pa.types.is_string(picked.schema.field("prompt").type)
     finally:
         scorer.shutdown()
-        shutdown()
+        if owns_ray:
+            shutdown()
     per_million = [c["driver_cpu_s"] / c["rows"] * 1e6 for c in calls]
     result = {
         "benchmark": "pool_scale", "rows": args.rows, "passes": args.passes, "actors": args.actors,
