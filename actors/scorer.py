@@ -27,6 +27,10 @@ from pipeline.uncertainty import generation_uncertainty, token_nll_and_entropy, 
 MODES = ("base", "lora", "eval")
 
 
+class StaleAdapter(RuntimeError):
+    """A unit that needs the current adapter reached a scorer that does not hold it (restarted by Ray)."""
+
+
 def verbalizer_token_ids(tokenizer, words: Iterable[str]) -> list[int]:
     """The first token of each label word; they must differ, or the labels cannot be told apart."""
     ids = []
@@ -83,14 +87,17 @@ class Scorer:
         self.model_loads = 1
         self.adapter_version = 0
         self._last_group = (None, None)  # ((inputs file, row group), its rows): see _row_group
+        self.adapter_token: Optional[int] = 0  # which broadcast adapter this actor holds: 0, the initial one (B = 0)
         if isinstance(self.task, VerbalizerTask):
             self.label_ids = torch.tensor(verbalizer_token_ids(self.tokenizer, self.task.label_words), device=self.device)
 
     # ---- adapter -------------------------------------------------------------------------------------
-    def set_adapter(self, state: dict[str, torch.Tensor]) -> int:
-        """Swap in new LoRA weights (arrives through the object store); returns the new version."""
+    def set_adapter(self, state: dict[str, torch.Tensor], token: Optional[int] = None) -> int:
+        """Swap in new LoRA weights (arrives through the object store); returns the new version. `token`
+        names the adapter (the driver's count of broadcasts); `score_unit` checks it."""
         load_adapter_state(self.model, {k: v.to(self.device) for k, v in state.items()})
         self.adapter_version += 1
+        self.adapter_token = token
         return self.adapter_version
 
     def info(self) -> dict[str, Any]:
@@ -127,13 +134,20 @@ class Scorer:
         return {"example_id": ids, **columns}
 
     def score_unit(self, path: str, group: int, offsets, batch_size: int, mode: str, seed: Optional[int],
-                   out_path: str) -> int:
+                   out_path: str, adapter_token: Optional[int] = None) -> int:
         """Score rows `offsets` of row group `group` of a pool's inputs file, in consecutive micro-batches of
         `batch_size` (the driver's `plan_units` fixed them), and write the scores to `out_path` as Parquet,
-        atomically. Only example_id and prompt are read. Returns the number of rows."""
+        atomically. Only example_id and prompt are read. Returns the number of rows.
+
+        Modes that use the adapter refuse to run unless this actor holds adapter `adapter_token`: an actor
+        Ray restarted after a crash starts without one, and must not score with untrained weights before
+        the driver has sent it the adapter again."""
         import pyarrow as pa
 
         from pipeline.io import write_parquet
+
+        if mode != "base" and adapter_token != self.adapter_token:
+            raise StaleAdapter(f"this scorer holds adapter {self.adapter_token}, the unit needs {adapter_token}")
 
         rows = self._row_group(path, group).take(pa.array(offsets, pa.int64()))
         parts = [pa.table(self.score(rows.slice(i, batch_size).to_pydict(), mode, seed))

@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--select", type=int, default=100, help="rows selected by the round (top b)")
-    p.add_argument("--labelled", type=int, default=1000, help="rows already labelled (left out of u_lora)")
+    p.add_argument("--labeled", type=int, default=1000, help="rows already labelled (left out of u_lora)")
     p.add_argument("--work-dir", default=None, help="where the pool file, cache and model go (default: a temp dir)")
     return p.parse_args(argv)
 
@@ -106,11 +106,11 @@ def main(argv=None) -> dict:
         lora_model = attach_lora(load_model(model_dir, cfg.model, None), cfg.lora)
         scorer.set_adapter(trained_like_adapter(adapter_state(lora_model)))
         del lora_model
-        labelled = pool.ids.slice(0, args.labelled)
+        labeled = pool.ids.slice(0, args.labeled)
 
         def lora_round():
-            unlabelled = pool.ids.filter(pc.invert(pc.is_in(pool.ids, value_set=labelled)))
-            scored = scorer.score(pool.scoring_input(unlabelled), "lora", progress=False, columns=["entropy"])
+            unlabeled = pool.ids.filter(pc.invert(pc.is_in(pool.ids, value_set=labeled)))
+            scored = scorer.score(pool.scoring_input(unlabeled), "lora", progress=False, columns=["entropy"])
             picked = select(scored.column("example_id"), scored.column("entropy").to_numpy(), args.select,
                             np.random.default_rng(0))
             return scored.num_rows, pool.rows(picked, ["prompt", "label"])

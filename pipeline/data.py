@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,11 @@ class Pool:
         self.skipped = list(skipped or [])
         meta = json.loads((self.dir / "meta.json").read_text())
         self.row_group_rows = int(meta["row_group_rows"])
+        for path in (self.inputs_path, self.labels_path):  # rows are found by position // row_group_rows
+            sizes = [g.num_rows for g in _row_groups(path)]
+            if any(n != self.row_group_rows for n in sizes[:-1]):
+                raise DataError(f"{path}: row groups of {sorted(set(sizes))} rows, expected {self.row_group_rows}; "
+                                f"delete {self.dir} to rebuild it")
         index = pq.read_table(self.inputs_path, columns=["example_id", "n_chars"])
         self.ids = index.column("example_id").combine_chunks()
         self.n_chars = index.column("n_chars").to_numpy()
@@ -155,13 +161,24 @@ def as_id_array(example_ids) -> pa.Array:
     return example_ids if isinstance(example_ids, pa.Array) else pa.array(list(example_ids), pa.string())
 
 
+def row_group_of(positions: np.ndarray, row_group_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row group, offset in it) of each row position of a pool file: the one place positions become
+    row-group coordinates (every row group but the last holds exactly `row_group_rows` rows)."""
+    return np.divmod(positions, row_group_rows)
+
+
+def _row_groups(path: Path):
+    meta = pq.ParquetFile(path).metadata
+    return [meta.row_group(i) for i in range(meta.num_row_groups)]
+
+
 def _read_rows(path: Path, at: np.ndarray, row_group_rows: int, columns: list[str]) -> pa.Table:
     """Rows `at` (positions, any order) of a file written in row groups of `row_group_rows`: reads only the
     row groups that hold them."""
-    groups = np.unique(at // row_group_rows)
+    group, offset = row_group_of(at, row_group_rows)
+    groups = np.unique(group)
     table = pq.ParquetFile(path).read_row_groups(groups.tolist(), columns=columns)
-    local = np.searchsorted(groups, at // row_group_rows) * row_group_rows + at % row_group_rows
-    return table.take(pa.array(local, pa.int64()))
+    return table.take(pa.array(np.searchsorted(groups, group) * row_group_rows + offset, pa.int64()))
 
 
 def write_inputs(table: pa.Table, directory: str | Path, row_group_rows: int = ROW_GROUP_ROWS) -> ScoringInput:
@@ -224,7 +241,7 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict | BadRow]]
             raise DataError(f"{path}:{reader.line_num}: unreadable CSV: {e}") from None
 
 
-def _read_hf(spec: str) -> Iterator[tuple[int, dict]]:
+def _load_hf(spec: str):
     parts = spec[len("hf:"):].split(":")
     if len(parts) not in (2, 3):
         raise DataError(f"{spec}: expected hf:<dataset id>[:<config>]:<split>")
@@ -232,13 +249,16 @@ def _read_hf(spec: str) -> Iterator[tuple[int, dict]]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        return datasets.load_dataset(name, config, split=split)
     except Exception as e:  # offline misses, unknown ids/splits and hub errors all come as different types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (deft is offline: set data.allow_download: true to fetch it)" if offline else ""
         raise DataError(f"{spec}: cannot load the dataset: {first}{hint}") from None
-    for i, row in enumerate(ds):
+
+
+def _read_hf(spec: str) -> Iterator[tuple[int, dict]]:
+    for i, row in enumerate(_load_hf(spec)):
         yield i + 1, row
 
 
@@ -301,11 +321,11 @@ def load_pool(
     """Load and validate a pool. Raises DataError listing every bad row unless on_bad_row == 'skip'.
 
     Rows are validated as they stream in and written, a row group at a time, to a Pool directory under
-    `cache_dir` (default $DEFT_CACHE or ~/.cache/deft, then pools/), keyed by the source (path, size and
-    mtime), the task and these arguments. The same source loads from there next time without being read
-    again: a resumed run, or the runs of a `deft compare`. A source that fails writes nothing there. On a
-    multi-node cluster `cache_dir` (`data.cache_dir`) must be storage every node sees: scorers read the
-    pool's prompts from it.
+    `pools_dir(cache_dir)`, keyed by the source (path, size, mtime, ctime and inode; an `hf:` dataset's
+    fingerprint), the task, these arguments and the code that turns rows into prompts and ids. The same
+    source loads from there next time without being read again: a resumed run, or the runs of a `deft
+    compare`. A source that fails writes nothing there. On a multi-node cluster `cache_dir`
+    (`data.cache_dir`) must be storage every node sees: scorers read the pool's prompts from it.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row should be 'error' or 'skip', got {on_bad_row!r}")
@@ -315,9 +335,11 @@ def load_pool(
         meta = json.loads((final / "meta.json").read_text())
         return Pool(final, source, [BadRowRecord(**b) for b in meta["skipped"]])
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep(final.parent)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}."))
     try:
-        bad, good = _write_pool(tmp, source, task, id_field, limit, require_label, demo_size, seed, split)
+        bad, good = _write_pool(tmp, source, task, id_field, limit, require_label, demo_size, seed, split,
+                                drop_duplicates=on_bad_row == "skip")
         if bad and on_bad_row == "error":
             shown = "\n  ".join(str(b) for b in bad[:_SHOWN_ERRORS])
             more = f"\n  ... and {len(bad) - _SHOWN_ERRORS} more" if len(bad) > _SHOWN_ERRORS else ""
@@ -343,35 +365,69 @@ def load_pool(
 
 
 def pools_dir(cache_dir: Optional[str | Path] = None) -> Path:
-    """Where validated pools are kept: data.cache_dir, else $DEFT_POOL_CACHE, else $DEFT_CACHE (or
-    ~/.cache/deft), then pools/."""
+    """Where validated pools are kept: data.cache_dir, else $DEFT_POOL_CACHE (the tests' scratch dir), else
+    $DEFT_CACHE (or ~/.cache/deft), then pools/."""
     if not cache_dir and os.environ.get("DEFT_POOL_CACHE"):
         return Path(os.environ["DEFT_POOL_CACHE"])
     return Path(cache_dir or os.environ.get("DEFT_CACHE") or Path.home() / ".cache" / "deft") / "pools"
 
 
+def sweep(directory: Path, older_than_s: float = 24 * 3600) -> None:
+    """Remove what killed processes left in `directory`: half-written pools (`.<key>.*`) and scorers' parts
+    of calls that never finished, once they are a day old (a live writer renames or removes its own)."""
+    cutoff = time.time() - older_than_s
+    for path in [*directory.glob(".*"), *directory.glob("*/scores/*")]:
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+# The code that turns a source's rows into prompts, labels and ids: a change to it must not reuse old pools.
+_LOADER_CODE = hashlib.sha1(b"".join((Path(__file__).parent / f).read_bytes()
+                                     for f in ("data.py", "tasks.py", "demo.py"))).hexdigest()
+
+
 def _pool_key(source: str, task: Task, *args) -> str:
-    """Names a cached pool: the same source file (by path, size and mtime), task and load arguments."""
+    """Names a cached pool: the same source (file: path, size, mtime, ctime, inode; `hf:`: the dataset's
+    fingerprint), task, load arguments and loader code."""
     stamp = None
-    if source != "demo" and not source.startswith("hf:"):
+    if source.startswith("hf:"):
+        stamp = _hf_fingerprint(source)
+    elif source != "demo":
         try:
             st = Path(source).stat()
-            stamp = [str(Path(source).resolve()), st.st_size, st.st_mtime_ns]
+            stamp = [str(Path(source).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         except OSError:
             stamp = None  # a missing file: read_rows raises the error that names it
-    blob = json.dumps([POOL_FORMAT, source, stamp, repr(task), *args], default=str).encode()
+    blob = json.dumps([POOL_FORMAT, _LOADER_CODE, source, stamp, repr(task), *args], default=str).encode()
     return hashlib.sha1(blob).hexdigest()[:20]
 
 
+def _hf_fingerprint(spec: str) -> Optional[str]:
+    """The loaded dataset's fingerprint (it changes with the data files); None where it cannot load, and
+    then reading it raises the error that says why."""
+    try:
+        return _load_hf(spec)._fingerprint
+    except DataError:
+        return None
+
+
 def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], limit: Optional[int],
-                require_label: bool, demo_size: int, seed: int, split: str) -> tuple[list[BadRowRecord], int]:
+                require_label: bool, demo_size: int, seed: int, split: str,
+                drop_duplicates: bool) -> tuple[list[BadRowRecord], int]:
     """Validate the source row by row into out/inputs.parquet and out/labels.parquet (whole row groups of
-    ROW_GROUP_ROWS); returns the bad rows and the number of good ones. Memory stays flat whatever the source's size: rows are held a
-    row group at a time, and duplicate ids are found at the end from the written id column, so the driver
-    never builds a set of every id (at 10M rows that set alone would take about 1 GB)."""
+    ROW_GROUP_ROWS); returns the bad rows and the number of good ones.
+
+    Memory stays flat whatever the source's size: rows are held a row group at a time, and duplicate ids
+    are found at the end from the written id column, so the driver never builds a set of every id (at 10M
+    rows that set alone would take about 1 GB). With `limit` the ids are checked as they come (a set of at
+    most `limit`), so that duplicates do not count toward the first `limit` good rows."""
     bad: list[BadRowRecord] = []
     pending: list[dict] = []
     lines = array("q")  # the source line of each good row: 8 bytes a row, for naming duplicates
+    seen: Optional[dict[str, int]] = {} if limit is not None else None
     writers = _PoolWriters(out)
     try:
         for line, row in read_rows(source, demo_size, seed, split):
@@ -379,10 +435,14 @@ def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], lim
                 if isinstance(row, BadRow):
                     raise row
                 example_id = _row_id(row, id_field, task.input_fields)
+                if seen is not None and example_id in seen:
+                    raise BadRow(id_field or "<row>", f"duplicate example_id {example_id!r} (first seen at line {seen[example_id]})")
                 ex = task.example(row, require_label=require_label)
             except BadRow as e:
                 bad.append(BadRowRecord(source, line, e.field, str(e).split(": ", 1)[1]))
                 continue
+            if seen is not None:
+                seen[example_id] = line
             pending.append({"example_id": example_id, **ex})
             lines.append(line)
             if len(pending) == ROW_GROUP_ROWS:
@@ -397,14 +457,17 @@ def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], lim
     if not lines:
         return bad, 0
     ids = pq.read_table(out / "inputs.parquet", columns=["example_id"]).column("example_id")
+    good = len(lines)
     if pc.count_distinct(ids).as_py() < len(ids):
         lines_np = np.frombuffer(lines, dtype=np.int64)
         dupes = _duplicates(ids, lines_np)
         for line, example_id, first in dupes:
             bad.append(BadRowRecord(source, line, id_field or "<row>", f"duplicate example_id {example_id!r} (first seen at line {first})"))
-        _drop_lines(out, lines_np, np.asarray([d[0] for d in dupes]))
+        if drop_duplicates:
+            _drop_lines(out, lines_np, np.asarray([d[0] for d in dupes]))
+            good -= len(dupes)
         bad.sort(key=lambda b: b.line)
-    return bad, len(lines)
+    return bad, good
 
 
 class _PoolWriters:
@@ -437,11 +500,25 @@ def _duplicates(ids: pa.ChunkedArray, lines: np.ndarray) -> list[tuple[int, str,
 
 
 def _drop_lines(out: Path, lines: np.ndarray, drop: np.ndarray) -> None:
-    """Rewrite both files without the rows of source lines `drop` (duplicates, with on_bad_row=skip)."""
-    keep = pa.array(~np.isin(lines, drop))
-    for name in ("inputs.parquet", "labels.parquet"):
-        table = pq.read_table(out / name).filter(keep)
-        pq.write_table(table, out / name, row_group_size=ROW_GROUP_ROWS)
+    """Rewrite both files without the rows of source lines `drop` (duplicates, with on_bad_row=skip), a
+    row group at a time, into whole row groups of ROW_GROUP_ROWS again."""
+    keep = ~np.isin(lines, drop)
+    for name, schema in (("inputs.parquet", INPUTS_SCHEMA), ("labels.parquet", LABELS_SCHEMA)):
+        src = pq.ParquetFile(out / name)
+        pending, start = [], 0
+        with pq.ParquetWriter(out / f"{name}.new", schema) as writer:
+            for g in range(src.num_row_groups):
+                group = src.read_row_group(g)
+                pending.append(group.filter(pa.array(keep[start:start + group.num_rows])))
+                start += group.num_rows
+                if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                    table = pa.concat_tables(pending)
+                    whole = table.num_rows - table.num_rows % ROW_GROUP_ROWS
+                    writer.write_table(table.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+                    pending = [table.slice(whole)]
+            if pending and sum(t.num_rows for t in pending):
+                writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP_ROWS)
+        os.replace(out / f"{name}.new", out / name)
 
 
 def pool_from_config(data, task: Task, seed: int, require_label: bool) -> Pool:

@@ -311,7 +311,8 @@ class ActiveLearningRun:
         else:
             self.scorer.set_adapter(self._adapter_state(k))
             scored = self.scorer.score(self.test.scoring_input(), "eval")
-        labels = dict(zip(self.test.example_ids, self.test.table.column("label").to_pylist()))
+        ids = scored.column("example_id")
+        labels = dict(zip(ids.to_pylist(), self.test.rows(ids, ["label"]).column("label").to_pylist()))
         return {**evaluate(scored, labels, self.task, self.cfg.al.ece_bins), "eval_s": time.perf_counter() - t0}
 
     def _adapter_state(self, k: int) -> dict:
@@ -402,7 +403,7 @@ def _aligned_values(scored: Optional[pa.Table], ids: pa.Array, column: str, type
 
 
 def _aligned(scored: pa.Table, ids: pa.Array, column: str) -> np.ndarray:
-    return _aligned_values(scored, ids, column, pa.float64()).to_numpy(zero_copy_only=False)
+    return np.array(_aligned_values(scored, ids, column, pa.float64()).to_numpy(zero_copy_only=False))  # writable
 
 
 def _self_training_line(summary: dict) -> dict:

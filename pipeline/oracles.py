@@ -32,7 +32,10 @@ class SimulatedOracle:
         self._pool = pool
 
     def label(self, example_ids: list[str], round: int) -> pa.Table:
-        labels = self._pool.rows(example_ids, ["label"]).column("label").to_pylist()
+        try:
+            labels = self._pool.rows(example_ids, ["label"]).column("label").to_pylist()
+        except KeyError as e:
+            raise ValueError(f"the simulated oracle cannot label ids outside the pool: {e.args[0]}") from None
         missing = [e for e, label in zip(example_ids, labels) if label is None]
         if missing:
             raise ValueError(f"the simulated oracle has no label for {len(missing)} selected ids (e.g. {missing[:3]})")

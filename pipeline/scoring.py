@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
-from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, write_inputs
+from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, pools_dir, row_group_of, write_inputs
 from pipeline.io import read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ PROGRESS_STEPS = 4  # units per actor in a small call: progress and balance; the
 # units are scored again; a score is a pure function of (micro-batch, mode, seed, adapter), so the result
 # is the same as if it had never died.
 MAX_RESTARTS = 3
+UNITS_IN_FLIGHT = 2  # per actor: the next unit is queued on the actor before the current one ends
 START_TIMEOUT_S = 30.0  # scorers still unplaced after this long, for want of resources, are an error
 
 
@@ -84,16 +85,16 @@ def plan_units(inp: ScoringInput, batch_size: int, n_actors: int, steps: int = P
     n = inp.num_rows
     if n == 0:
         return []
-    group = inp.positions // inp.row_group_rows
+    group, offset = row_group_of(inp.positions, inp.row_group_rows)
     order = np.lexsort((inp.positions, -inp.n_chars.astype(np.int64), group))
-    pos, group, lengths = inp.positions[order], group[order], inp.n_chars[order]
+    offset, group, lengths = offset[order], group[order], inp.n_chars[order]
     starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
     rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
     micro = -(-n // batch_size)
     per_unit = int(min(max(1, -(-micro // (n_actors * steps))), max(1, inp.row_group_rows // batch_size)))
     unit = rank // (batch_size * per_unit)
     cuts = np.flatnonzero((np.diff(group) != 0) | (np.diff(unit) != 0)) + 1
-    units = [Unit(0, int(group[a]), pos[a:b] % inp.row_group_rows, int(lengths[a]))
+    units = [Unit(0, int(group[a]), offset[a:b], int(lengths[a]))
              for a, b in zip(np.r_[0, cuts], np.r_[cuts, n])]
     units.sort(key=lambda u: -u.longest)
     return [dataclasses.replace(u, index=i) for i, u in enumerate(units)]
@@ -145,7 +146,8 @@ class PoolScorer:
         )
         t0 = time.perf_counter()
         self._adapter = None  # the object-store reference of the current adapter, for restarted actors
-        self.deaths = 0  # shards scored again because their actor died
+        self._adapter_token = 0  # counts broadcasts; a unit names the adapter it needs (Scorer.score_unit)
+        self.deaths = 0  # units scored again because their actor died
         self.actors = [self._remote.remote(**self._kwargs) for _ in range(self.plan.num_scorers)]
         self._wait_started()  # waits for every model to load, so a load error surfaces here
         log.info("%s ready in %.1fs", self.plan.describe(), time.perf_counter() - t0)
@@ -183,7 +185,8 @@ class PoolScorer:
         import ray
 
         self._adapter = ray.put(state)
-        versions = ray.get([a.set_adapter.remote(self._adapter) for a in self.actors])
+        self._adapter_token += 1
+        versions = ray.get([a.set_adapter.remote(self._adapter, self._adapter_token) for a in self.actors])
         return versions[0]
 
     def _revive(self, i: int) -> None:
@@ -194,7 +197,7 @@ class PoolScorer:
 
         for attempt in range(2):
             try:
-                ray.get(self.actors[i].set_adapter.remote(self._adapter) if self._adapter is not None
+                ray.get(self.actors[i].set_adapter.remote(self._adapter, self._adapter_token) if self._adapter is not None
                         else self.actors[i].info.remote())
                 return
             except RayActorError:
@@ -215,7 +218,9 @@ class PoolScorer:
         if isinstance(inputs, pa.Table):
             if inputs.column_names != SCORER_COLUMNS:
                 raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {inputs.column_names}")
-            with tempfile.TemporaryDirectory(prefix="deft-score-") as tmp:
+            tables = pools_dir(self.cfg.data.cache_dir) / "tables"  # where every scorer can read (data.cache_dir)
+            tables.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="deft-score-", dir=tables) as tmp:
                 return self.score(write_inputs(inputs, tmp), mode, progress, seed, on_part, columns)
         if inputs.num_rows == 0:
             raise ScoringError("nothing to score: the pool is empty")
@@ -224,7 +229,7 @@ class PoolScorer:
         out = Path(tempfile.mkdtemp(dir=scores, prefix=f"{mode}-"))
         try:
             self._dispatch(inputs, mode, self.cfg.seed if seed is None else seed, out, progress, on_part)
-            result = pq.read_table(out, columns=columns and ["example_id", *[c for c in columns if c != "example_id"]])
+            result = _read_parts(out, columns and ["example_id", *[c for c in columns if c != "example_id"]])
         finally:
             shutil.rmtree(out, ignore_errors=True)
         check_exactly_once(inputs.example_ids, result)
@@ -241,6 +246,8 @@ class PoolScorer:
         import ray
         from ray.exceptions import RayActorError
 
+        from actors.scorer import StaleAdapter
+
         bs = self.cfg.scoring.batch_size
         queue = deque(plan_units(inputs, bs, len(self.actors)))
         inflight: dict = {}
@@ -250,10 +257,10 @@ class PoolScorer:
             if queue:
                 u = queue.popleft()
                 ref = self.actors[i].score_unit.remote(inputs.path, u.group, u.offsets, bs, mode, seed,
-                                                       str(out / f"part-{u.index:06d}.parquet"))
+                                                       str(out / f"part-{u.index:06d}.parquet"), self._adapter_token)
                 inflight[ref] = (i, u)
 
-        for _ in range(2):
+        for _ in range(UNITS_IN_FLIGHT):
             for i in range(len(self.actors)):
                 submit(i)
         with tqdm(total=inputs.num_rows, desc=f"scoring ({mode})", unit="row", disable=not progress, leave=False) as bar:
@@ -262,12 +269,14 @@ class PoolScorer:
                 i, u = inflight.pop(done[0])
                 try:
                     ray.get(done[0])
-                except RayActorError as e:  # the actor died mid-unit: score that unit again, on a revived actor
+                except (RayActorError, StaleAdapter) as e:
+                    # The actor died mid-unit, or Ray restarted it and it does not hold the adapter yet: revive
+                    # it (the adapter goes again) and score that unit again.
                     deaths += 1
-                    self.deaths += 1
-                    if deaths > MAX_RESTARTS * len(self.actors) * 2:
+                    self.deaths += isinstance(e, RayActorError)
+                    if deaths > MAX_RESTARTS * len(self.actors) * UNITS_IN_FLIGHT:
                         raise
-                    log.warning("scorer %d died (%s); scoring its unit of %d rows again", i, type(e).__name__, u.rows)
+                    log.warning("scorer %d lost its unit of %d rows (%s); scoring it again", i, u.rows, type(e).__name__)
                     self._revive(i)
                     queue.appendleft(u)
                     submit(i)
@@ -283,6 +292,13 @@ class PoolScorer:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def _read_parts(out: Path, columns: Optional[list[str]]) -> pa.Table:
+    """The scorers' Parquet parts as one table. Each part's types are its own (a generation unit whose every
+    answer failed to parse has an all-null `prediction`), so the parts are unified, not read as one dataset."""
+    parts = [pq.read_table(path, columns=columns) for path in sorted(out.glob("part-*.parquet"))]
+    return pa.concat_tables(parts, promote_options="default")
 
 
 def _known(path: Optional[Path]) -> Optional[pa.Table]:

@@ -210,3 +210,48 @@ def test_skipped_duplicates_are_dropped_from_both_files(tmp_path, bad_file):
     assert len(pool) == 2 and pq.read_table(pool.labels_path).num_rows == 2
     again = load_pool(str(bad_file), boolq(), on_bad_row="skip", cache_dir=tmp_path / "cache")  # from the cache
     assert [b.line for b in again.skipped] == [2, 3, 4, 5, 6] and again.example_ids == pool.example_ids
+
+
+def test_duplicates_do_not_count_toward_the_limit(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [row(0), row(0), row(1), row(2), row(3)])
+    pool = load_pool(str(path), boolq(), on_bad_row="skip", limit=3, cache_dir=tmp_path)
+    assert len(pool) == 3 and [b.line for b in pool.skipped] == [2]
+
+
+def test_dropping_duplicates_keeps_whole_row_groups(tmp_path, monkeypatch):
+    import pipeline.data as data
+
+    monkeypatch.setattr(data, "ROW_GROUP_ROWS", 4)
+    rows = [row(i % 7) for i in range(11)]  # lines 8-11 repeat lines 1-4
+    pool = load_pool(str(write_jsonl(tmp_path / "p.jsonl", rows)), boolq(), on_bad_row="skip", cache_dir=tmp_path)
+    assert len(pool) == 7 and [b.line for b in pool.skipped] == [8, 9, 10, 11]
+    assert [pq.ParquetFile(p).metadata.row_group(0).num_rows for p in (pool.inputs_path, pool.labels_path)] == [4, 4]
+    assert pool.rows([pool.example_ids[6]], ["prompt"]).column("prompt")[0].as_py() == boolq().prompt(row(6))
+
+
+def test_a_rewritten_file_of_the_same_size_and_mtime_is_read_again(tmp_path):
+    import os
+
+    path = write_jsonl(tmp_path / "p.jsonl", [row(1, "true")])
+    st = path.stat()
+    a = load_pool(str(path), boolq(), cache_dir=tmp_path)
+    write_jsonl(path, [row(1, "fals")])  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime, as `cp -p` leaves it
+    with pytest.raises(DataError, match="fals"):
+        load_pool(str(path), boolq(), cache_dir=tmp_path)
+    assert len(a) == 1
+
+
+def test_sweep_removes_what_killed_loads_and_calls_left_once_old(tmp_path):
+    import os
+
+    from pipeline.data import sweep
+
+    (tmp_path / ".abc.half").mkdir()
+    (tmp_path / "abc" / "scores" / "lora-x").mkdir(parents=True)
+    (tmp_path / ".fresh.half").mkdir()
+    for p in (tmp_path / ".abc.half", tmp_path / "abc" / "scores" / "lora-x"):
+        os.utime(p, (0, 0))
+    sweep(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".fresh.half", "abc"]
+    assert not any((tmp_path / "abc" / "scores").iterdir())

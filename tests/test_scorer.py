@@ -153,3 +153,19 @@ def test_the_output_head_gets_a_contiguous_input(scorer, batch):
     finally:
         handle.remove()
     assert seen and all(seen)
+
+
+def test_a_unit_that_needs_another_adapter_is_refused(tiny_model_dir, tmp_path):
+    """A scorer Ray restarted holds the initial adapter (token 0); a lora/eval unit naming a later broadcast
+    must fail (the driver revives it and sends the adapter again), never score with the wrong weights."""
+    from actors.scorer import StaleAdapter
+    from pipeline.data import write_inputs
+
+    scorer = Scorer(**scorer_kwargs(tiny_config(tiny_model_dir), tiny_model_dir))  # a fresh one, as after a restart
+    inp = write_inputs(load_pool("demo", demo(), demo_size=12).for_scoring(), tmp_path / "in")
+    unit = (inp.path, 0, inp.positions[:4], 4)
+    with pytest.raises(StaleAdapter, match="holds adapter 0, the unit needs 3"):
+        scorer.score_unit(*unit, "lora", 0, str(tmp_path / "a.parquet"), adapter_token=3)
+    assert scorer.score_unit(*unit, "base", 0, str(tmp_path / "b.parquet"), adapter_token=3) == 4  # base needs none
+    scorer.set_adapter(trained_like_adapter(adapter_state(scorer.model)), token=3)
+    assert scorer.score_unit(*unit, "lora", 0, str(tmp_path / "c.parquet"), adapter_token=3) == 4
