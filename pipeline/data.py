@@ -154,6 +154,12 @@ class ScoringInput:
     def num_rows(self) -> int:
         return len(self.positions)
 
+    def filter(self, mask: pa.Array) -> "ScoringInput":
+        """The rows where the boolean `mask` is true."""
+        keep = mask.to_numpy(zero_copy_only=False)
+        return dataclasses.replace(self, positions=self.positions[keep], n_chars=self.n_chars[keep],
+                                   example_ids=self.example_ids.filter(mask))
+
 
 def as_id_array(example_ids) -> pa.Array:
     if isinstance(example_ids, pa.ChunkedArray):

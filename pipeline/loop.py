@@ -187,7 +187,8 @@ class ActiveLearningRun:
             whole = self.cfg.al.base_on_full_pool or self.cfg.al.candidates is None
             base = base_uncertainty(self.scorer, self.pool.scoring_input(None if whole else unlabeled),
                                     self.run_dir.base_uncertainty_file, self.base_cache)
-            u_base = _aligned(base, unlabeled, self.base_measure)
+            base = in_order(base, unlabeled)  # once: every column below is then in `unlabeled`'s order
+            u_base = _floats(base, self.base_measure)
         if k == 0:  # cold start: no adapter has been trained yet
             score = u_base if cold_by_base else self._rng(k, "cold").random(n)
         else:
@@ -196,7 +197,8 @@ class ActiveLearningRun:
                 measures = sorted(set(MEASURE_COLUMNS[self.task.kind].values()))
                 lora = self.scorer.score(self.pool.scoring_input(unlabeled), "lora", seed=self.cfg.seed,
                                          columns=[*measures, "prediction", "confidence"])  # not the probs: 8 bytes a row each
-                lora_columns = {f"lora_{c}": _aligned(lora, unlabeled, c) for c in measures}
+                lora = in_order(lora, unlabeled)
+                lora_columns = {f"lora_{c}": _floats(lora, c) for c in measures}
                 u_lora = lora_columns[f"lora_{self.strategy.measure}"]
             score = self.strategy.acquisition(RoundScores(n, u_base, u_lora, adapter=k - 1), self._rng(k, "strategy"))
         # The newest model's own answer and confidence, shown to annotators beside each row (label export);
@@ -208,8 +210,8 @@ class ActiveLearningRun:
             "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
             "score": pa.array(score, pa.float64()),
             **{name: pa.array(v, pa.float64()) for name, v in lora_columns.items()},
-            "prediction": _aligned_values(newest, unlabeled, "prediction", pa.string()),
-            "confidence": _aligned_values(newest, unlabeled, "confidence", pa.float64()),
+            "prediction": _column(newest, n, "prediction", pa.string()),
+            "confidence": _column(newest, n, "confidence", pa.float64()),
         }))
 
     def _selecting(self, k: int) -> None:
@@ -395,15 +397,15 @@ def round_summary(run_dir: RunDir, k: int) -> str:
     return f"round {k}: {line.get('labels', '?')} labels, {acc} ({times})"
 
 
-def _aligned_values(scored: Optional[pa.Table], ids: pa.Array, column: str, type: pa.DataType) -> pa.Array:
-    """`scored[column]` in the order of `ids` (all null if nothing was scored)."""
+def _column(scored: Optional[pa.Table], n: int, column: str, type: pa.DataType) -> pa.Array:
+    """`scored[column]` as one array of `type` (all n null if nothing was scored)."""
     if scored is None:
-        return pa.nulls(len(ids), type)
-    return in_order(scored.select(["example_id", column]), ids).column(column).combine_chunks().cast(type)
+        return pa.nulls(n, type)
+    return scored.column(column).combine_chunks().cast(type)
 
 
-def _aligned(scored: pa.Table, ids: pa.Array, column: str) -> np.ndarray:
-    return np.array(_aligned_values(scored, ids, column, pa.float64()).to_numpy(zero_copy_only=False))  # writable
+def _floats(scored: pa.Table, column: str) -> np.ndarray:
+    return np.array(_column(scored, scored.num_rows, column, pa.float64()).to_numpy(zero_copy_only=False))  # writable
 
 
 def _self_training_line(summary: dict) -> dict:

@@ -314,11 +314,7 @@ def _without(inputs: ScoringInput | pa.Table, known: Optional[pa.Table]) -> Scor
     if known is None:
         return inputs
     new = pc.invert(pc.is_in(_ids(inputs), value_set=known.column("example_id")))
-    if isinstance(inputs, pa.Table):
-        return inputs.filter(new)
-    keep = new.to_numpy(zero_copy_only=False)
-    return dataclasses.replace(inputs, positions=inputs.positions[keep], n_chars=inputs.n_chars[keep],
-                               example_ids=inputs.example_ids.filter(new))
+    return inputs.filter(new)  # a table's rows, or a ScoringInput's
 
 
 def _union(a: Optional[pa.Table], b: Optional[pa.Table]) -> Optional[pa.Table]:
