@@ -206,19 +206,20 @@ class Scorer:
             for _ in range(self._passes(mode)):
                 logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
                 passes.append(torch.softmax(logits[:, -1, self.label_ids].float(), dim=-1))
-        u = verbalizer_uncertainty(torch.stack(passes, dim=1))
-        probs = u["probs"]
-        labels = self.task.labels
+        # One device-to-host copy per batch, not one per value (on a GPU each is a sync).
+        u = {k: v.cpu() for k, v in verbalizer_uncertainty(torch.stack(passes, dim=1)).items()}
+        confidence, best = u["probs"].max(-1)
+        pe = -torch.log(confidence.clamp_min(1e-12))  # NLL of the model's own answer
+        cols = {k: u[k].tolist() for k in ("entropy", "bald", "least_confidence", "margin")}
+        labels, probs = self.task.labels, u["probs"].tolist()
+        pe, confidence, best = pe.tolist(), confidence.tolist(), best.tolist()
         return [
             {
-                "entropy": float(u["entropy"][i]),
-                "bald": float(u["bald"][i]),
-                "least_confidence": float(u["least_confidence"][i]),
-                "margin": float(u["margin"][i]),
-                "pe": float(-torch.log(probs[i].max().clamp_min(1e-12))),  # NLL of the model's own answer
-                "probs": probs[i].tolist(),
-                "prediction": labels[int(probs[i].argmax())],
-                "confidence": float(probs[i].max()),
+                **{k: v[i] for k, v in cols.items()},
+                "pe": pe[i],
+                "probs": probs[i],
+                "prediction": labels[best[i]],
+                "confidence": confidence[i],
                 "n_tokens": len(seqs[i]),
             }
             for i in range(len(seqs))
@@ -255,14 +256,14 @@ class Scorer:
                 n, e = token_nll_and_entropy(logits[:, :-1], ans, ans_mask)  # position j predicts answer token j
                 nll.append(n)
                 ent.append(e)
-        u = generation_uncertainty(torch.stack(nll, 1), torch.stack(ent, 1))
+        u = {k: v.cpu().tolist() for k, v in generation_uncertainty(torch.stack(nll, 1), torch.stack(ent, 1)).items()}
         texts = self.tokenizer.batch_decode(answers, skip_special_tokens=True)
         return [
             {
-                "pe": float(u["pe"][i]),
-                "me": float(u["me"][i]),
-                "confidence": float(u["confidence"][i]),
-                "least_confidence": float(1.0 - u["confidence"][i]),
+                "pe": u["pe"][i],
+                "me": u["me"][i],
+                "confidence": u["confidence"][i],
+                "least_confidence": 1.0 - u["confidence"][i],
                 "answer": texts[i],
                 "prediction": self.task.extract(texts[i]),
                 "n_tokens": len(seqs[i]) + len(answers[i]),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from actors.trainer import LoraRecipe, at_least_fp32, collate, encode_example, forward_answer, label_word_logits
+from actors.trainer import LoraRecipe, at_least_fp32, collate, encode_example, forward_answer, label_word_logits, to_device
 
 NORM_EPS = 1e-6
 
@@ -158,14 +158,14 @@ def train_student(engine, data: PseudoData, st: dict, label_ids: torch.Tensor, p
     for step, idx in enumerate(student_batches(len(data.pseudo), st["batch_size"], steps, seed, rank, world)):
         # Drawn every step on every rank, warm-up included, so the stream does not depend on the phase.
         meta_idx = torch.randint(len(data.gold), (st["meta_batch"],), generator=g).tolist()
-        batch = _to(collate([data.pseudo[i] for i in idx], pad_id), device)
+        batch = to_device(collate([data.pseudo[i] for i in idx], pad_id), device)
         teacher = data.teacher[idx].to(device)
         model.train()
         if step < warm:
             w = torch.full((len(idx),), 1.0 / len(idx), device=device)
             z, _ = _label_logits(engine, batch, label_ids)
         else:  # the meta-gradient's forward of this batch is also the real step's
-            gold = _to(collate([data.gold[i] for i in meta_idx], pad_id), device)
+            gold = to_device(collate([data.gold[i] for i in meta_idx], pad_id), device)
             w, z = meta_weights(model, batch, teacher, gold, label_ids, st["meta_lr"], with_logits=True)
             weight_sum[idx] += w.double().cpu()
             weight_n[idx] += 1
@@ -179,10 +179,6 @@ def train_student(engine, data: PseudoData, st: dict, label_ids: torch.Tensor, p
     mean_w = torch.where(weight_n > 0, weight_sum / weight_n.clamp_min(1), torch.full_like(weight_sum, float("nan")))
     return {"loss": losses, "weights": dict(zip(data.pseudo_ids, mean_w.tolist())), "steps": steps,
             "warmup_steps": warm}
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 # ---- the two trainers --------------------------------------------------------------------------------
@@ -229,7 +225,7 @@ def train_student_in_process(loop, pseudo_rows: list[dict], gold_rows: list[dict
     setup_s, t1 = time.perf_counter() - t0, time.perf_counter()
     bar = tqdm(total=loop.self_training["steps"], desc="student", unit="step", leave=False)
     result = train_student(engine, data, loop.self_training, label_ids, tok.pad_token_id, loop.seed,
-                           on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")))
+                           device=model.device, on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")))
     bar.close()
     train_s = time.perf_counter() - t1
     model.eval()

@@ -278,7 +278,7 @@ class LoraRecipe:
             total = 0.0
             for j, idx in enumerate(rank_batches(n, self.cfg.batch_size, epoch, self.loop.seed, self.rank, self.world)):
                 batch = collate([data[i] for i in idx], self.tokenizer.pad_token_id)
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batch = to_device(batch, self.device)
                 loss = batch_loss(engine, batch, self.cfg.label_smoothing, self.label_ids)
                 engine.backward(loss)
                 engine.step()
@@ -364,6 +364,10 @@ def _gathered(model):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def in_process_model(loop: LoopConfig):
     """(model config, train config, tokenizer, fp32 model with LoRA) for training in this process, seeded
     by loop.seed before anything draws from the generator."""
@@ -404,7 +408,8 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
         model.train()
         total = 0.0
         for idx in rank_batches(len(data), cfg.batch_size, epoch, loop.seed, 0, 1):
-            loss = batch_loss(model, collate([data[i] for i in idx], tok.pad_token_id), cfg.label_smoothing, label_ids)
+            batch = to_device(collate([data[i] for i in idx], tok.pad_token_id), model.device)
+            loss = batch_loss(model, batch, cfg.label_smoothing, label_ids)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)

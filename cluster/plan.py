@@ -48,6 +48,8 @@ def plan_resources(
     if gpus > 0:
         n = min(num_scorers or gpus, gpus)
         w = train_workers or gpus
+        if w > gpus:  # NCCL refuses two ranks on one GPU ("Duplicate GPU detected")
+            raise ValueError(f"train.num_workers {w} is more than the cluster's {gpus} GPU(s); NCCL needs a GPU per worker")
         per_worker = {"GPU": train_share, "CPU": max(1.0, (cpus - n * scorer_cpus) // max(w, 1) or 1.0)}
         return ResourcePlan(n, scorer_cpus, 1.0 - train_share, max(1, cpus // n), True, w, per_worker, max(1, cpus // (n + w)))
     n = num_scorers or max(2, cpus // 2)

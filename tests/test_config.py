@@ -89,6 +89,17 @@ def test_train_num_workers_reaches_the_resource_plan():
     assert plan_resources({"CPU": 4}, 2, 0.25, train_workers=3).train_workers == 3
 
 
+def test_plan_refuses_more_workers_than_gpus():
+    """NCCL refuses two ranks on one GPU, so a plan with more Ray Train workers than GPUs is an error
+    (before any worker starts), and one worker per GPU is the default."""
+    from cluster.plan import plan_resources
+
+    with pytest.raises(ValueError, match="train.num_workers 2 is more than the cluster's 1 GPU"):
+        plan_resources({"CPU": 16, "GPU": 1}, None, 0.25, train_workers=2)
+    assert plan_resources({"CPU": 16, "GPU": 2}, None, 0.25, train_workers=2).train_workers == 2
+    assert plan_resources({"CPU": 16, "GPU": 4}, None, 0.25).train_workers == 4
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["seed=-1"], "seed should be >= 0, got -1"),
     (["data.demo_size=0"], "data.demo_size should be >= 1, got 0"),

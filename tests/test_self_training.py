@@ -24,7 +24,9 @@ def tok():
 
 def lora_model(model_dir, dtype=torch.float32, dropout=0.0):
     torch.manual_seed(0)  # LoRA A's init draws from the global generator: the same model in any test order
-    model = attach_lora(load_model(model_dir, ModelConfig(name=model_dir, dtype="float32")), LoraConfig(r=4, dropout=dropout),
+    # On the CPU even where CUDA is present: these check arithmetic (float64 finite differences), not devices.
+    base = load_model(model_dir, ModelConfig(name=model_dir, dtype="float32"), device=torch.device("cpu"))
+    model = attach_lora(base, LoraConfig(r=4, dropout=dropout),
                         adapter_dtype_follows_base=False)
     load_adapter_state(model, trained_like_adapter(adapter_state(model), seed=1, scale=0.3))  # B != 0: real gradients
     return model.to(dtype).eval()

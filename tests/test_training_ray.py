@@ -46,7 +46,7 @@ def test_training_lowers_loss_and_the_adapter_round_trips_and_broadcasts(ray_loc
         assert result.metrics["world_size"] == 1 and result.metrics["examples"] == 24
 
         # A plain PEFT load of the saved dir gives exactly the weights that were broadcast.
-        peft = PeftModel.from_pretrained(load_model(tiny_model_dir, cfg.model), str(result.adapter_dir))
+        peft = PeftModel.from_pretrained(load_model(tiny_model_dir, cfg.model, device=torch.device("cpu")), str(result.adapter_dir))
         saved = {k: v for k, v in peft.state_dict().items() if "lora_" in k}
         assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B moved off zero
         for key, value in result.state.items():
@@ -59,14 +59,16 @@ def test_training_lowers_loss_and_the_adapter_round_trips_and_broadcasts(ray_loc
         assert base_after == base_before
         assert lora_after != pytest.approx(lora_before, abs=1e-6)
         infos = scorer.info()
-        assert [i["model_loads"] for i in infos] == [1, 1]  # the base model was never reloaded
-        assert [i["adapter_version"] for i in infos] == [1, 1]
+        assert [i["model_loads"] for i in infos] == [1] * len(infos)  # the base model was never reloaded
+        assert [i["adapter_version"] for i in infos] == [1] * len(infos)
     finally:
         scorer.shutdown()
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_workers_produce_one_adapter(ray_local, tiny_model_dir, labeled, tmp_path, stage):
+    if 0 < int(ray_local.cluster_resources().get("GPU", 0)) < 2:
+        pytest.skip("two NCCL workers need two GPUs (a one-GPU plan refuses them: test_plan_refuses_more_workers_than_gpus)")
     cfg = tiny_config(tiny_model_dir, train={"epochs": 1, "lr": 1e-3, "batch_size": 8, "zero_stage": stage})
     result = _fit(cfg, tiny_model_dir, labeled, tmp_path / "adapter", ray_local, workers=2)
     assert result.metrics["world_size"] == 2
@@ -78,13 +80,15 @@ def test_two_workers_produce_one_adapter(ray_local, tiny_model_dir, labeled, tmp
 def test_warm_start_continues_from_the_given_adapter(ray_local, tiny_model_dir, labeled, tmp_path):
     from actors.model import adapter_state, attach_lora
 
-    cfg = tiny_config(tiny_model_dir, train={"epochs": 1, "lr": 1e-9, "batch_size": 8, "weight_decay_b": 0.0})
+    # fp32 on a GPU too: DeepSpeed's bf16 mode hands back bf16-rounded weights (0.25 + x moves by ~1e-3)
+    cfg = tiny_config(tiny_model_dir, train={"epochs": 1, "lr": 1e-9, "batch_size": 8, "weight_decay_b": 0.0,
+                                             "precision": "fp32"})
     fresh = adapter_state(attach_lora(load_model(tiny_model_dir, cfg.model), cfg.lora))  # a fit's keys, B = 0
     init = {k: v + 0.25 if "lora_B" in k else v for k, v in fresh.items()}
     warm = _fit(cfg, tiny_model_dir, labeled, tmp_path / "b", ray_local, workers=1, init_state=init)
     assert set(warm.state) == set(init)
-    for k in init:  # with lr ~ 0 and no decay, a warm start ends where it began
-        assert torch.allclose(warm.state[k], init[k], atol=1e-5), k
+    for k in init:  # with lr ~ 0 and no decay, a warm start ends where it began (fp32 master weights on a GPU)
+        assert torch.allclose(warm.state[k].float(), init[k].float(), atol=1e-5), k
 
 
 def test_a_lists_student_trains_in_ray_train_as_in_process(ray_local, tiny_model_dir, labeled, tmp_path):
@@ -96,7 +100,8 @@ def test_a_lists_student_trains_in_ray_train_as_in_process(ray_local, tiny_model
     from pipeline.self_training import student_loop_config
     from pipeline.training import fit_with_ray_train
 
-    cfg = tiny_config(tiny_model_dir, self_training={"enabled": True, "steps": 4, "warmup_fraction": 0.5, "batch_size": 4,
+    # fp32 on a GPU too: DeepSpeed's bf16 would differ from the in-process fp32 loop by more than rounding
+    cfg = tiny_config(tiny_model_dir, train={"precision": "fp32"}, self_training={"enabled": True, "steps": 4, "warmup_fraction": 0.5, "batch_size": 4,
                                                        "meta_batch": 2, "lr": 1e-3, "meta_lr": 1e-2})
     rows = labeled.select(["example_id", "prompt"]).to_pylist()
     pseudo = pa.Table.from_pylist([{**r, "probs": [0.3, 0.7] if i % 2 else [0.8, 0.2]} for i, r in enumerate(rows[:12])])
