@@ -35,6 +35,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bo
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="BoolQ-format JSONL pool (default: %(default)s)")
+    p.add_argument("--model", default=None, help="a local model dir (default: the embedded SmolLM2-135M); "
+                   "`python -m benchmarks.random_model` makes one of a given shape")
     p.add_argument("--rows", type=int, default=1000, help="pool rows scored by deft, limit and baal")
     p.add_argument("--reference-rows", type=int, default=100, help="rows timed for the one-at-a-time reference")
     p.add_argument("--passes", type=int, default=3, help="MC-dropout passes T")
@@ -48,11 +50,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously: time to their end, not their launch
+
+
 def _median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -65,9 +74,9 @@ def train_adapter(model, tokenizer, pool, label_ids, steps: int, lr: float = 1e-
     model.train()
     for step in range(steps):
         batch = rows[4 * step : 4 * step + 4]
-        enc = tokenizer([r["prompt"] for r in batch], padding=True, return_tensors="pt")
+        enc = tokenizer([r["prompt"] for r in batch], padding=True, return_tensors="pt").to(model.device)
         logits = model(**enc, logits_to_keep=1).logits[:, -1].float()
-        target = torch.tensor([tokenizer(r["target"], add_special_tokens=False).input_ids[0] for r in batch])
+        target = torch.tensor([tokenizer(r["target"], add_special_tokens=False).input_ids[0] for r in batch], device=model.device)
         loss = torch.nn.functional.cross_entropy(logits, target)
         opt.zero_grad()
         loss.backward()
@@ -83,7 +92,7 @@ def reference_scores(model, tokenizer, prompts, label_ids, passes: int, answer_p
     set_mc_dropout(model)
     with torch.no_grad():
         for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
             per_pass = []
             for _ in range(passes):
                 logits = model(input_ids=ids).logits[0]  # full logits: every position, whole vocabulary
@@ -104,6 +113,7 @@ def limit_scores(model, tokenizer, prompts, label_ids, passes: int, batch_size: 
     with torch.inference_mode():
         for i in range(0, len(seqs), batch_size):
             ids, mask = left_pad(seqs[i : i + batch_size], tokenizer.pad_token_id)
+            ids, mask = ids.to(model.device), mask.to(model.device)
             pos = positions(mask)
             for _ in range(passes):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
@@ -118,7 +128,7 @@ class VerbalizerWrapper(torch.nn.Module):
         self.model, self.label_ids = model, label_ids
 
     def forward(self, data):
-        ids, mask = data
+        ids, mask = (t.to(self.model.device) for t in data)  # baal 2.1 leaves a list batch on the CPU
         pos = positions(mask)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
         return torch.softmax(logits[:, -1, self.label_ids].float(), -1)
@@ -137,7 +147,7 @@ def baal_scores(model, tokenizer, prompts, label_ids, passes: int, batch_size: i
 
     wrapper = ModelWrapper(
         MCDropoutModule(VerbalizerWrapper(model, label_ids)),
-        TrainingArgs(batch_size=batch_size, use_cuda=False, workers=0, collate_fn=collate),
+        TrainingArgs(batch_size=batch_size, use_cuda=torch.cuda.is_available(), workers=0, collate_fn=collate),
     )
     return wrapper.predict_on_dataset(dataset, iterations=passes, verbose=False)  # (N, C, T)
 
@@ -156,6 +166,7 @@ def main(argv=None) -> dict:
     from pipeline.tasks import boolq
 
     cfg = Config()
+    cfg.model.name = args.model or cfg.model.name
     cfg.model.dtype, cfg.lora.r = args.dtype, args.lora_r
     cfg.scoring.mc_passes, cfg.scoring.batch_size, cfg.scoring.num_actors = args.passes, args.batch_size, args.actors
     task = boolq()
