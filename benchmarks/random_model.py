@@ -24,17 +24,23 @@ SHAPES = {
 }
 
 
-def build(tokenizer_dir: str, shape: str, out: str, dtype: str = "bfloat16") -> dict:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def llama_config(shape: str, vocab_size: int, bos: int = None, eos: int = None, pad: int = None, dtype: str = "bfloat16"):
+    from transformers import LlamaConfig
 
     hidden, inter, layers, heads, kv = SHAPES[shape]
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-        tie_word_embeddings=shape.startswith("smollm2"), bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, dtype=dtype,
+        tie_word_embeddings=shape.startswith("smollm2"), bos_token_id=bos, eos_token_id=eos, pad_token_id=pad,
+        dtype=dtype,
     )
+
+
+def build(tokenizer_dir: str, shape: str, out: str, dtype: str = "bfloat16") -> dict:
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = llama_config(shape, len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, dtype)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # initialising 7B parameters on a CPU takes minutes

@@ -1,5 +1,6 @@
 """The benchmarks that can run at test size do, and their last line is the JSON they promise."""
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -12,3 +13,19 @@ def test_pool_scale_measures_a_round_of_the_driver(ray_local, tmp_path, capsys):
     assert [c["call"] for c in result["calls"]] == ["base", "lora"] and [c["rows"] for c in result["calls"]] == [300, 280]
     assert result["driver_peak_rss_mb"] >= result["driver_rss_before_load_mb"] > 0
     assert result["driver_cpu_s_per_million"] > 0 and result["rows_per_s"] > 0
+
+
+@pytest.mark.parametrize("shape,vocab,params", [
+    ("smollm2-135m", 49152, 134_515_008),  # the embedded SmolLM2-135M's own count
+    ("llama2-7b", 32000, 6_738_415_616),  # LLaMA-2-7B's published count
+])
+def test_random_model_shapes_have_the_real_models_parameter_counts(shape, vocab, params):
+    """benchmarks.random_model stands in for models that cannot be downloaded here, so its shapes must be
+    the real ones: counted on the meta device, nothing allocated."""
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.random_model import llama_config
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(shape, vocab))
+    assert sum(p.numel() for p in model.parameters()) == params
