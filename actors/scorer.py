@@ -111,9 +111,11 @@ class Scorer:
         }
 
     # ---- scoring -------------------------------------------------------------------------------------
-    def score(self, batch: dict[str, list], mode: str, seed: Optional[int] = None) -> dict[str, list]:
+    def score(self, batch: dict[str, list], mode: str, seed: Optional[int] = None,
+              batch_size: Optional[int] = None) -> dict[str, list]:
         """Uncertainty columns for `batch` (example_id, prompt), in the batch's own row order. `seed` (default:
-        the actor's) seeds the MC dropout masks, so one actor can serve runs of different seeds."""
+        the actor's) seeds the MC dropout masks, so one actor can serve runs of different seeds. `batch_size`
+        (default: scoring.batch_size, or this device's default) is rows per forward pass."""
         if mode not in MODES:
             raise ValueError(f"mode should be one of {MODES}, got {mode!r}")
         unexpected = set(batch) - {"example_id", "prompt"}
@@ -124,7 +126,7 @@ class Scorer:
         lengths = [len(x) for x in enc.input_ids]
         order = sorted(range(len(ids)), key=lambda i: lengths[i])  # similar lengths share a batch: little padding
         rows: list[Optional[dict]] = [None] * len(ids)
-        bs = self.scoring_cfg.batch_size
+        bs = batch_size or self.scoring_cfg.batch_size_on(self.device.type == "cuda")
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             key = f"{self.seed if seed is None else seed}:{ids[idx[0]]}"
@@ -150,7 +152,7 @@ class Scorer:
             raise StaleAdapter(f"this scorer holds adapter {self.adapter_token}, the unit needs {adapter_token}")
 
         rows = self._row_group(path, group).take(pa.array(offsets, pa.int64()))
-        parts = [pa.table(self.score(rows.slice(i, batch_size).to_pydict(), mode, seed))
+        parts = [pa.table(self.score(rows.slice(i, batch_size).to_pydict(), mode, seed, batch_size))
                  for i in range(0, rows.num_rows, batch_size)]
         write_parquet(out_path, pa.concat_tables(parts))
         return rows.num_rows

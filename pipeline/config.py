@@ -135,15 +135,25 @@ class DataConfig:
         _require(self.demo_size >= 1, f"data.demo_size should be >= 1, got {self.demo_size}")
 
 
+CPU_SCORING_BATCH, GPU_SCORING_BATCH = 16, 128
+
+
 @dataclass
 class ScoringConfig:
     mc_passes: int = 3  # T, the paper's value
-    batch_size: int = 16  # rows per forward pass; the pool is length-sorted into blocks of this size
+    # Rows per forward pass; the pool is length-sorted into blocks of this size. None: 16 on CPU, 128 on a GPU
+    # (measured on an H100: 572 vs 75 rows/s for SmolLM2-135M, where each forward costs the same ~70 ms of
+    # kernel dispatch at either size; on 2 CPU cores larger blocks only add padding).
+    batch_size: Optional[int] = None
     num_actors: Optional[int] = None  # None: the resource plan decides
 
     def __post_init__(self):
         _require(self.mc_passes >= 1, f"scoring.mc_passes should be >= 1, got {self.mc_passes}")
-        _require(self.batch_size >= 1, f"scoring.batch_size should be >= 1, got {self.batch_size}")
+        _require(self.batch_size is None or self.batch_size >= 1, f"scoring.batch_size should be >= 1, got {self.batch_size}")
+
+    def batch_size_on(self, gpu: bool) -> int:
+        """The configured batch size, or the device's default."""
+        return self.batch_size or (GPU_SCORING_BATCH if gpu else CPU_SCORING_BATCH)
         _require(self.num_actors is None or self.num_actors >= 1, f"scoring.num_actors should be >= 1, got {self.num_actors}")
 
 

@@ -248,7 +248,7 @@ class PoolScorer:
 
         from actors.scorer import StaleAdapter
 
-        bs = self.cfg.scoring.batch_size
+        bs = self.cfg.scoring.batch_size_on(self.plan.use_gpu)
         queue = deque(plan_units(inputs, bs, len(self.actors)))
         inflight: dict = {}
         deaths = 0

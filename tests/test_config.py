@@ -1,7 +1,7 @@
 """Config: typed, validated at construction, unknown keys rejected, errors naming the field."""
 import pytest
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, ScoringConfig, load_config
 
 
 def test_defaults_are_the_paper_values():
@@ -87,6 +87,16 @@ def test_train_num_workers_reaches_the_resource_plan():
 
     assert plan_resources({"CPU": 4}, 2, 0.25, train_workers=1).train_workers == 1
     assert plan_resources({"CPU": 4}, 2, 0.25, train_workers=3).train_workers == 3
+
+
+def test_scoring_batch_size_defaults_by_device_and_a_set_value_wins():
+    """Unset, 16 rows a forward pass on CPU and 128 on a GPU (where a small model's forward costs the same
+    at either size); the driver (units) and the actors (forward passes) resolve it the same way."""
+    assert ScoringConfig().batch_size is None
+    assert (ScoringConfig().batch_size_on(False), ScoringConfig().batch_size_on(True)) == (16, 128)
+    assert ScoringConfig(batch_size=32).batch_size_on(True) == 32
+    with pytest.raises(ConfigError, match="scoring.batch_size should be >= 1, got 0"):
+        load_config(None, ["scoring.batch_size=0"])
 
 
 def test_plan_refuses_more_workers_than_gpus():
