@@ -70,7 +70,12 @@ def main(argv=None) -> dict:
     from cluster.runtime import connect, shutdown
     from pipeline.config import Config, from_dict
     from pipeline.data import load_pool
-    from pipeline.scoring import PoolScorer
+    import torch
+
+    from pipeline.loop import LoraScores
+    from pipeline.scoring import PoolScorer, base_uncertainty, in_order
+    from pipeline.strategies import MEASURE_COLUMNS
+    from pipeline.uncertainty import dynamic_score
     from pipeline.strategies import select
     from pipeline.tasks import demo
 
@@ -99,21 +104,30 @@ def main(argv=None) -> dict:
     scorer = PoolScorer(cfg, model_dir)
     calls = []
     try:
-        base, wall, cpu = timed(lambda: scorer.score(pool.scoring_input(), "base", progress=False))
+        (work / "base_uncertainty.parquet").unlink(missing_ok=True)  # a reused --work-dir scores again
+        # as the loop does: every column to the run's base cache, one measure back to the driver
+        base, wall, cpu = timed(lambda: base_uncertainty(scorer, pool.scoring_input(), work / "base_uncertainty.parquet",
+                                                         columns=["entropy"]))
         calls.append({"call": "base", "rows": base.num_rows, "wall_s": wall, "driver_cpu_s": cpu})
         print(f"u_base: {base.num_rows:,} rows in {wall:.1f} s, driver CPU {cpu:.1f} s; peak RSS {rss_mb():.0f} MB", flush=True)
-        del base
         lora_model = attach_lora(load_model(model_dir, cfg.model, None), cfg.lora)
         scorer.set_adapter(trained_like_adapter(adapter_state(lora_model)))
         del lora_model
         labeled = pool.ids.slice(0, args.labeled)
 
         def lora_round():
+            """What a STAR round of the loop does: every lora column to a file, one back, the mix, the top b,
+            scores.parquet streamed from the file, then the prompts and labels of the picked rows."""
             unlabeled = pool.ids.filter(pc.invert(pc.is_in(pool.ids, value_set=labeled)))
-            scored = scorer.score(pool.scoring_input(unlabeled), "lora", progress=False, columns=["entropy"])
-            picked = select(scored.column("example_id"), scored.column("entropy").to_numpy(), args.select,
-                            np.random.default_rng(0))
-            return scored.num_rows, pool.rows(picked, ["prompt", "label"])
+            u_base = in_order(base, unlabeled).column("entropy").to_numpy()
+            lora = LoraScores(scorer.score_to_file(pool.scoring_input(unlabeled), "lora", work / "lora.parquet",
+                                                   progress=False), unlabeled)
+            u_lora = lora.floats("entropy")
+            score = dynamic_score(torch.from_numpy(u_lora), torch.from_numpy(u_base), 0.5).numpy()
+            picked = select(unlabeled, score, args.select, np.random.default_rng(0))
+            lora.write_scores(work / "scores.parquet", "entropy", sorted(set(MEASURE_COLUMNS["verbalizer"].values())),
+                              u_base, score)
+            return len(unlabeled), pool.rows(picked, ["prompt", "label"])
 
         (n, picked), wall, cpu = timed(lora_round)
         calls.append({"call": "lora", "rows": n, "wall_s": wall, "driver_cpu_s": cpu})

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,7 +32,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -40,7 +40,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> Path:
-    return _atomic(path, lambda tmp: pq.write_table(table, tmp))
+    return atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_parquet(path: str | os.PathLike) -> pa.Table:

@@ -16,11 +16,12 @@ from typing import Callable, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.config import Config, ConfigError, resume_config, resume_hint
 from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
-from pipeline.io import read_parquet, write_json, write_parquet
+from pipeline.io import atomic, read_parquet, write_json, write_parquet
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
@@ -180,13 +181,15 @@ class ActiveLearningRun:
         unlabeled = self._candidates(k, self._unlabeled())  # example_ids, in pool order
         if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
             write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
-        n, lora_columns = len(unlabeled), {}
+        n = len(unlabeled)
         u_base = u_lora = base = lora = None
         cold_by_base = k == 0 and self.cfg.al.initial == "base_uncertainty"
         if self.strategy.uses_base or cold_by_base:  # scored once, in round 0, and cached
             whole = self.cfg.al.base_on_full_pool or self.cfg.al.candidates is None
+            shown = k == 0 or not self.strategy.uses_lora  # base's answers go to scores.parquet (no lora this round)
             base = base_uncertainty(self.scorer, self.pool.scoring_input(None if whole else unlabeled),
-                                    self.run_dir.base_uncertainty_file, self.base_cache)
+                                    self.run_dir.base_uncertainty_file, self.base_cache,
+                                    columns=[self.base_measure, *(["prediction", "confidence"] if shown else [])])
             base = in_order(base, unlabeled)  # once: every column below is then in `unlabeled`'s order
             u_base = _floats(base, self.base_measure)
         if k == 0:  # cold start: no adapter has been trained yet
@@ -194,27 +197,30 @@ class ActiveLearningRun:
         else:
             if self.strategy.uses_lora:  # adapter k-1, trained on rounds 0..k-1, scores round k
                 self.scorer.set_adapter(self._adapter_state(k - 1))
-                measures = sorted(set(MEASURE_COLUMNS[self.task.kind].values()))
-                lora = self.scorer.score(self.pool.scoring_input(unlabeled), "lora", seed=self.cfg.seed,
-                                         columns=[*measures, "prediction", "confidence"])  # not the probs: 8 bytes a row each
-                lora = in_order(lora, unlabeled)
-                lora_columns = {f"lora_{c}": _floats(lora, c) for c in measures}
-                u_lora = lora_columns[f"lora_{self.strategy.measure}"]
+                # Every column to a file, then one back to the driver: at 10M rows the others would be ~1 GB.
+                lora = LoraScores(self.scorer.score_to_file(self.pool.scoring_input(unlabeled), "lora",
+                                                            self.run_dir.round_dir(k) / LORA_SCRATCH, seed=self.cfg.seed),
+                                  unlabeled)
+                u_lora = lora.floats(self.strategy.measure)
             score = self.strategy.acquisition(RoundScores(n, u_base, u_lora, adapter=k - 1), self._rng(k, "strategy"))
-        # The newest model's own answer and confidence, shown to annotators beside each row (label export);
-        # null where this round scored nothing (random, the cold start).
-        newest = lora if lora is not None else base
-        write_parquet(self.run_dir.scores_file(k), pa.table({
-            "example_id": unlabeled,
-            "u_lora": pa.array(u_lora if u_lora is not None else [None] * n, pa.float64()),
-            "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
-            "score": pa.array(score, pa.float64()),
-            **{name: pa.array(v, pa.float64()) for name, v in lora_columns.items()},
-            "prediction": _column(newest, n, "prediction", pa.string()),
-            "confidence": _column(newest, n, "confidence", pa.float64()),
-        }))
+        if lora is None:
+            # The newest model's own answer and confidence, shown to annotators beside each row (label
+            # export); null where this round scored nothing (random, the cold start).
+            write_parquet(self.run_dir.scores_file(k), pa.table({
+                "example_id": unlabeled,
+                "u_lora": pa.nulls(n, pa.float64()),
+                "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
+                "score": pa.array(score, pa.float64()),
+                "prediction": _column(base, n, "prediction", pa.string()),
+                "confidence": _column(base, n, "confidence", pa.float64()),
+            }))
+            return
+        measures = sorted(set(MEASURE_COLUMNS[self.task.kind].values()))
+        lora.write_scores(self.run_dir.scores_file(k), self.strategy.measure, measures, u_base, score)
+        lora.path.unlink()
 
     def _selecting(self, k: int) -> None:
+        (self.run_dir.round_dir(k) / LORA_SCRATCH).unlink(missing_ok=True)  # a kill after scores.parquet leaves it
         scores = read_parquet(self.run_dir.scores_file(k))
         b = self.cfg.al.initial_size if k == 0 else self.cfg.al.batch_size
         if self.cfg.al.budget is not None:
@@ -395,6 +401,53 @@ def round_summary(run_dir: RunDir, k: int) -> str:
     t = _read_json(run_dir.round_dir(k) / "timings.json")
     times = ", ".join(f"{p} {t[f'{p}_s']:.0f}s" for p in ("scoring", "training", "evaluating") if t.get(f"{p}_s") is not None)
     return f"round {k}: {line.get('labels', '?')} labels, {acc} ({times})"
+
+
+LORA_SCRATCH = ".lora_scores.parquet"  # a round's every lora column, until scores.parquet is written from it
+
+
+class LoraScores:
+    """A round's u_lora file (every column, in the scorers' order, never whole in the driver), placed
+    against the round's unlabelled ids once: `at[i]` is the position in `unlabeled` of the file's row i."""
+
+    def __init__(self, path: Path, unlabeled: pa.Array):
+        self.path, self.n = path, len(unlabeled)
+        ids = pq.read_table(path, columns=["example_id"]).column("example_id")
+        self.at = pc.index_in(ids, value_set=unlabeled).to_numpy(zero_copy_only=False)
+
+    def floats(self, column: str) -> np.ndarray:
+        """One column, in `unlabeled`'s order."""
+        out = np.empty(self.n)
+        out[self.at] = pq.read_table(self.path, columns=[column]).column(column).to_numpy()
+        return out
+
+    def write_scores(self, dest: Path, measure: str, measures: list[str], u_base: Optional[np.ndarray],
+                     score: np.ndarray) -> None:
+        """The round's scores.parquet, in the file's row order, a batch at a time: each row's u_lora (the
+        strategy's measure), u_base and acquisition score, every lora measure, and the adapter's answer
+        and confidence (shown to annotators beside each row)."""
+        schema = pa.schema([("example_id", pa.string()), ("u_lora", pa.float64()), ("u_base", pa.float64()),
+                            ("score", pa.float64()), *[(f"lora_{c}", pa.float64()) for c in measures],
+                            ("prediction", pa.string()), ("confidence", pa.float64())])
+
+        def write(tmp: str) -> None:
+            with pq.ParquetWriter(tmp, schema) as writer:
+                start = 0
+                for batch in pq.ParquetFile(self.path).iter_batches(
+                        batch_size=65_536, columns=["example_id", *measures, "prediction", "confidence"]):
+                    at = self.at[start:start + batch.num_rows]
+                    start += batch.num_rows
+                    writer.write_table(pa.table({
+                        "example_id": batch.column("example_id"),
+                        "u_lora": batch.column(measure),
+                        "u_base": pa.array(u_base[at] if u_base is not None else [None] * len(at), pa.float64()),
+                        "score": pa.array(score[at], pa.float64()),
+                        **{f"lora_{c}": batch.column(c) for c in measures},
+                        "prediction": batch.column("prediction"),
+                        "confidence": batch.column("confidence"),
+                    }).cast(schema))
+
+        atomic(dest, write)
 
 
 def _column(scored: Optional[pa.Table], n: int, column: str, type: pa.DataType) -> pa.Array:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.data import Pool
 from pipeline.io import read_parquet, write_parquet, write_text
@@ -88,7 +89,8 @@ def export_rows(run: RunDir, round: int, example_ids: list[str], pool: Pool) -> 
     scores = read_parquet(run.scores_file(round)) if run.scores_file(round).is_file() else None
     model = {}
     if scores is not None and "prediction" in scores.column_names:
-        model = {r["example_id"]: r for r in scores.select(["example_id", "prediction", "confidence"]).to_pylist()}
+        mine = scores.filter(pc.is_in(scores.column("example_id"), value_set=pa.array(example_ids, pa.string())))
+        model = {r["example_id"]: r for r in mine.select(["example_id", "prediction", "confidence"]).to_pylist()}
     return [ExportRow(e, p, score.get(e), model.get(e, {}).get("prediction"), model.get(e, {}).get("confidence"))
             for e, p in zip(example_ids, prompts)]
 

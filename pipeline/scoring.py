@@ -10,6 +10,7 @@ without it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
 from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, pools_dir, row_group_of, write_inputs
-from pipeline.io import read_parquet, write_parquet
+from pipeline.io import atomic, read_parquet, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -215,13 +216,33 @@ class PoolScorer:
         the driver reads back `columns` (default all). A scorer that dies mid-call is revived and its units
         scored again (exactly once in the result). `on_part(actor index, rows)` is called as each unit
         comes back."""
+        with self._scored(inputs, mode, progress, seed, on_part) as (inp, out):
+            result = _read_parts(out, columns and ["example_id", *[c for c in columns if c != "example_id"]])
+        check_exactly_once(inp.example_ids, result)
+        return in_order(result, inp.example_ids)
+
+    def score_to_file(self, inputs: ScoringInput | pa.Table, mode: str, path: Path, progress: bool = True,
+                      seed: Optional[int] = None) -> Path:
+        """As `score`, but every column goes to the Parquet file `path` (atomically, in no particular row
+        order), streamed from the scorers' parts one at a time: the driver never holds the scores."""
+        with self._scored(inputs, mode, progress, seed, None) as (inp, out):
+            stream_into(path, [(part, None) for part in sorted(out.glob("part-*.parquet"))])
+        check_exactly_once(inp.example_ids, pq.read_table(path, columns=["example_id"]))
+        return Path(path)
+
+    @contextlib.contextmanager
+    def _scored(self, inputs: ScoringInput | pa.Table, mode: str, progress: bool, seed: Optional[int],
+                on_part: Optional[Callable[[int, int], None]]):
+        """(the ScoringInput, the folder of the scorers' Parquet parts) while the parts exist."""
         if isinstance(inputs, pa.Table):
             if inputs.column_names != SCORER_COLUMNS:
                 raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {inputs.column_names}")
             tables = pools_dir(self.cfg.data.cache_dir) / "tables"  # where every scorer can read (data.cache_dir)
             tables.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(prefix="deft-score-", dir=tables) as tmp:
-                return self.score(write_inputs(inputs, tmp), mode, progress, seed, on_part, columns)
+                with self._scored(write_inputs(inputs, tmp), mode, progress, seed, on_part) as scored:
+                    yield scored
+            return
         if inputs.num_rows == 0:
             raise ScoringError("nothing to score: the pool is empty")
         scores = Path(inputs.path).parent / "scores"
@@ -229,11 +250,9 @@ class PoolScorer:
         out = Path(tempfile.mkdtemp(dir=scores, prefix=f"{mode}-"))
         try:
             self._dispatch(inputs, mode, self.cfg.seed if seed is None else seed, out, progress, on_part)
-            result = _read_parts(out, columns and ["example_id", *[c for c in columns if c != "example_id"]])
+            yield inputs, out
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        check_exactly_once(inputs.example_ids, result)
-        return in_order(result, inputs.example_ids)
 
     def _dispatch(self, inputs: ScoringInput, mode: str, seed: int, out: Path, progress: bool,
                   on_part: Optional[Callable[[int, int], None]]) -> None:
@@ -301,49 +320,106 @@ def _read_parts(out: Path, columns: Optional[list[str]]) -> pa.Table:
     return pa.concat_tables(parts, promote_options="default")
 
 
-def _known(path: Optional[Path]) -> Optional[pa.Table]:
-    return read_parquet(path) if path is not None and Path(path).is_file() else None
+def stream_into(dest: Path, sources: list[tuple[Path, Optional[Callable[[pa.Table], pa.Table]]]],
+                batch_rows: int = 65_536) -> Path:
+    """Write the rows of several Parquet files (each through its filter, if any) to `dest`, atomically,
+    `batch_rows` at a time: memory stays at one batch whatever the files' sizes. The files' schemas are
+    unified (a part whose every `prediction` was unparsable has a null-typed column)."""
+    schema = pa.unify_schemas([pq.read_schema(p) for p, _ in sources], promote_options="permissive")
+
+    def write(tmp: str) -> None:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for path, keep in sources:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+                    table = pa.Table.from_batches([batch])
+                    table = keep(table) if keep is not None else table
+                    if table.num_rows:
+                        writer.write_table(_conform(table, schema))
+
+    return atomic(dest, write)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in schema]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _ids_in(path: Optional[Path]) -> Optional[pa.Array]:
+    """The example_id column of a score file (nothing else is read), or None if there is no file."""
+    if path is None or not Path(path).is_file():
+        return None
+    return pq.read_table(path, columns=["example_id"]).column("example_id").combine_chunks()
+
+
+def _rows_of(path: Path, ids: pa.Array, columns: Optional[list[str]]) -> pa.Table:
+    """`columns` (default all) of the rows of `path` whose example_id is in `ids`, a batch at a time."""
+    cols = None if columns is None else ["example_id", *[c for c in columns if c != "example_id"]]
+    f = pq.ParquetFile(path)
+    kept = [t.filter(pc.is_in(t.column("example_id"), value_set=ids))
+            for t in (pa.Table.from_batches([b]) for b in f.iter_batches(batch_size=65_536, columns=cols))]
+    return pa.concat_tables(kept, promote_options="default") if kept else f.schema_arrow.empty_table().select(cols or f.schema_arrow.names)
+
+
+def _not_in(ids: Optional[pa.Array]) -> Optional[Callable[[pa.Table], pa.Table]]:
+    if ids is None or len(ids) == 0:
+        return None
+    return lambda t: t.filter(pc.invert(pc.is_in(t.column("example_id"), value_set=ids)))
 
 
 def _ids(inputs: ScoringInput | pa.Table) -> pa.Array:
     return inputs.example_ids if isinstance(inputs, ScoringInput) else as_id_array(inputs.column("example_id"))
 
 
-def _without(inputs: ScoringInput | pa.Table, known: Optional[pa.Table]) -> ScoringInput | pa.Table:
-    """The rows of `inputs` whose example_id `known` lacks."""
-    if known is None:
-        return inputs
-    new = pc.invert(pc.is_in(_ids(inputs), value_set=known.column("example_id")))
-    return inputs.filter(new)  # a table's rows, or a ScoringInput's
-
-
-def _union(a: Optional[pa.Table], b: Optional[pa.Table]) -> Optional[pa.Table]:
+def _either(a: Optional[pa.Array], b: Optional[pa.Array]) -> Optional[pa.Array]:
     if a is None or b is None:
         return a if b is None else b
-    return pa.concat_tables([a, _without(b, a)], promote_options="default")
+    return pa.concat_arrays([a, b])
 
 
 def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache: Optional[Path] = None,
-                     shared: Optional[Path] = None) -> pa.Table:
+                     shared: Optional[Path] = None, columns: Optional[list[str]] = None) -> pa.Table:
     """Base-model scores for every row of `inputs` (`Pool.scoring_input` or an (example_id, prompt) table),
-    in its order: the frozen base never changes, so a row is scored once and cached.
+    in its order: the frozen base never changes, so a row is scored once and cached. Only `columns`
+    (default all) come back, so the driver can hold one measure of a large pool rather than every column.
 
     `cache` is the run's own file (base_uncertainty.parquet). `shared` is a file several runs share
     (`deft compare`): the base model's output for a row depends only on its prompt, so rows any run has
-    scored are copied, not re-scored. Both are rewritten atomically; a lost race on `shared` only means a
-    row is scored again later.
+    scored are copied, not re-scored. Both are rewritten atomically, streamed a batch at a time from the
+    scorers' parts and the old files, never whole in the driver; a lost race on `shared` only means a row
+    is scored again later.
     """
     ids = _ids(inputs)
-    own, common = _known(cache), _known(shared)
-    known = _union(own, common)
-    todo = _without(inputs, known)
-    fresh = scorer.score(todo, "base") if todo.num_rows else None
-    known = _union(known, fresh)
-    keep = known.filter(pc.is_in(known.column("example_id"), value_set=ids))
+    cache, shared = (Path(p) if p is not None else None for p in (cache, shared))
+    own, common = _ids_in(cache), _ids_in(shared)
+    known = _either(own, common)
+    todo = inputs if known is None else inputs.filter(pc.invert(pc.is_in(ids, value_set=known)))
+    if cache is None and shared is None:
+        return scorer.score(todo, "base", columns=columns)
+    near = (cache or shared).parent
+    near.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".deft-base-", dir=near) as tmp:
+        fresh = scorer.score_to_file(todo, "base", Path(tmp) / "fresh.parquet") if todo.num_rows else None
+        if cache is not None:
+            # rows this call needs that the run's own cache lacks (candidates differ per round): from the
+            # shared file, or freshly scored
+            from_common = None
+            if common is not None:
+                wanted = pc.filter(common, pc.is_in(common, value_set=ids))
+                if own is not None:
+                    wanted = pc.filter(wanted, pc.invert(pc.is_in(wanted, value_set=own)))
+                if len(wanted):
+                    from_common = lambda t: t.filter(pc.is_in(t.column("example_id"), value_set=wanted))  # noqa: E731
+            sources = ([(cache, None)] if own is not None else []) + \
+                      ([(shared, from_common)] if from_common is not None else []) + ([(fresh, None)] if fresh else [])
+            if len(sources) > (own is not None):
+                stream_into(cache, sources)
+        if shared is not None and fresh is not None:
+            now = _ids_in(shared)  # re-read: another run may have added rows since
+            stream_into(shared, ([(shared, None)] if now is not None else []) + [(fresh, _not_in(now))])
+        files = [cache] if cache is not None else [p for p in (shared, fresh) if p is not None and p.is_file()]
+        keep = pa.concat_tables([_rows_of(f, ids, columns) for f in files], promote_options="default")
+        if cache is None:  # the shared file and this call's fresh rows may overlap after a race: one of each
+            keep = keep.take(pc.index_in(ids, value_set=keep.column("example_id")))
     check_exactly_once(ids, keep)
-    grown = _union(own, keep)  # rows this call needed that the run's own cache lacked (candidates differ per round)
-    if cache is not None and (own is None or grown.num_rows > own.num_rows):
-        write_parquet(cache, grown)
-    if shared is not None and fresh is not None:
-        write_parquet(shared, _union(_known(shared), fresh))
     return in_order(keep, ids)

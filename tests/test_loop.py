@@ -123,14 +123,19 @@ def test_scorers_never_see_labels(tiny_model_dir, scorer, tmp_path):
         plan = scorer.plan
 
         def score(self, inputs, mode, **kw):  # scorers get the pool by reference: a file and row positions
-            seen.append(pq.read_schema(inputs.path).names)
+            seen.append((mode, pq.read_schema(inputs.path).names))
             return scorer.score(inputs, mode, **kw)
+
+        def score_to_file(self, inputs, mode, path, **kw):  # the same, with the scores kept on disk
+            seen.append((mode, pq.read_schema(inputs.path).names))
+            return scorer.score_to_file(inputs, mode, path, **kw)
 
         def set_adapter(self, state):
             return scorer.set_adapter(state)
 
     ActiveLearningRun(loop_config(tiny_model_dir), tmp_path / "run", scorer=Spy()).run()
-    assert seen and all(cols == ["example_id", "prompt", "n_chars"] for cols in seen)
+    assert {mode for mode, _ in seen} == {"base", "lora", "eval"}  # every kind of call went through the spy
+    assert all(cols == ["example_id", "prompt", "n_chars"] for _, cols in seen)
 
 
 def _fill(path, labels_by_line):

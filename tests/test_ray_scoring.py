@@ -7,7 +7,7 @@ import torch
 from actors.model import adapter_state
 from actors.scorer import Scorer
 from pipeline.data import load_pool
-from pipeline.io import read_parquet
+from pipeline.io import read_parquet, write_parquet
 from pipeline.scoring import PoolScorer, ScoringError, base_uncertainty, check_exactly_once, length_sorted_blocks
 from pipeline.tasks import demo
 
@@ -87,14 +87,64 @@ def test_base_uncertainty_is_cached(pool_scorer, pool_table, tmp_path):
     first = base_uncertainty(pool_scorer, pool_table.slice(0, 30), cache)
     assert read_parquet(cache).num_rows == 30
 
-    class NoScoring:
-        def score(self, table, mode):
-            raise AssertionError(f"rescored {table.num_rows} rows")
-
     again = base_uncertainty(NoScoring(), pool_table.slice(0, 30), cache)
     assert again.column("entropy").to_pylist() == first.column("entropy").to_pylist()
-    grown = base_uncertainty(pool_scorer, pool_table, cache)  # only the 11 new rows are scored
-    assert grown.num_rows == 41 and read_parquet(cache).num_rows == 41
+    counting = Counting(pool_scorer)
+    grown = base_uncertainty(counting, pool_table, cache)
+    assert counting.rows == 11 and grown.num_rows == 41 and read_parquet(cache).num_rows == 41  # only the new rows
+    # One measure back to the driver; the cache keeps every column (what deft compare shares between runs).
+    narrow = base_uncertainty(NoScoring(), pool_table.slice(5, 20), cache, columns=["entropy"])
+    assert narrow.column_names == ["example_id", "entropy"]
+    assert narrow.column("entropy").to_pylist() == grown.column("entropy").to_pylist()[5:25]
+    assert {"entropy", "bald", "probs", "prediction", "confidence"} <= set(read_parquet(cache).column_names)
+
+
+class NoScoring:
+    def score(self, table, mode, **kw):
+        raise AssertionError(f"rescored {table.num_rows} rows")
+
+    score_to_file = score
+
+
+class Counting:
+    """A scorer that counts the rows it is asked to score."""
+
+    def __init__(self, scorer):
+        self.scorer, self.rows = scorer, 0
+
+    def score_to_file(self, inputs, mode, path, **kw):
+        self.rows += inputs.num_rows
+        return self.scorer.score_to_file(inputs, mode, path, **kw)
+
+
+def test_base_rows_any_run_scored_come_from_the_shared_file(pool_scorer, pool_table, tmp_path):
+    shared = tmp_path / "base_scores.parquet"
+    a = base_uncertainty(pool_scorer, pool_table.slice(0, 20), tmp_path / "a.parquet", shared)
+    counting = Counting(pool_scorer)
+    b = base_uncertainty(counting, pool_table.slice(10, 20), tmp_path / "b.parquet", shared)
+    assert counting.rows == 10  # rows 10-19 were copied from the shared file
+    assert read_parquet(shared).num_rows == 30 and read_parquet(tmp_path / "b.parquet").num_rows == 20
+    assert b.column("entropy").to_pylist()[:10] == a.column("entropy").to_pylist()[10:]
+    # the base model's evaluation: no run cache, everything from the shared file
+    c = base_uncertainty(NoScoring(), pool_table.slice(0, 30), None, shared, columns=["prediction"])
+    assert c.column_names == ["example_id", "prediction"] and c.column("example_id").to_pylist() == \
+        pool_table.slice(0, 30).column("example_id").to_pylist()
+
+
+def test_stream_into_unifies_the_parts_schemas(tmp_path):
+    """A generation unit whose every answer failed to parse has a null-typed prediction column."""
+    from pipeline.scoring import stream_into
+
+    write_parquet(tmp_path / "a.parquet", pa.table({"example_id": ["a", "b"], "prediction": pa.nulls(2), "pe": [0.1, 0.2]}))
+    write_parquet(tmp_path / "b.parquet", pa.table({"example_id": ["c"], "prediction": ["7"], "pe": [0.3]}))
+    stream_into(tmp_path / "out.parquet", [(tmp_path / "a.parquet", None),
+                                           (tmp_path / "b.parquet", lambda t: t.filter(pa.array([True])))],
+                batch_rows=1)
+    out = read_parquet(tmp_path / "out.parquet")
+    assert out.schema.field("prediction").type == pa.string()
+    assert out.to_pylist() == [{"example_id": "a", "prediction": None, "pe": 0.1},
+                               {"example_id": "b", "prediction": None, "pe": 0.2},
+                               {"example_id": "c", "prediction": "7", "pe": 0.3}]
 
 
 def test_check_exactly_once_reports_losses():
