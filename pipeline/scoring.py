@@ -352,15 +352,6 @@ def _ids_in(path: Optional[Path]) -> Optional[pa.Array]:
     return pq.read_table(path, columns=["example_id"]).column("example_id").combine_chunks()
 
 
-def _rows_of(path: Path, ids: pa.Array, columns: Optional[list[str]]) -> pa.Table:
-    """`columns` (default all) of the rows of `path` whose example_id is in `ids`, a batch at a time."""
-    cols = None if columns is None else ["example_id", *[c for c in columns if c != "example_id"]]
-    f = pq.ParquetFile(path)
-    kept = [t.filter(pc.is_in(t.column("example_id"), value_set=ids))
-            for t in (pa.Table.from_batches([b]) for b in f.iter_batches(batch_size=65_536, columns=cols))]
-    return pa.concat_tables(kept, promote_options="default") if kept else f.schema_arrow.empty_table().select(cols or f.schema_arrow.names)
-
-
 def _not_in(ids: Optional[pa.Array]) -> Optional[Callable[[pa.Table], pa.Table]]:
     if ids is None or len(ids) == 0:
         return None
@@ -418,8 +409,12 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
             now = _ids_in(shared)  # re-read: another run may have added rows since
             stream_into(shared, ([(shared, None)] if now is not None else []) + [(fresh, _not_in(now))])
         files = [cache] if cache is not None else [p for p in (shared, fresh) if p is not None and p.is_file()]
-        keep = pa.concat_tables([_rows_of(f, ids, columns) for f in files], promote_options="default")
-        if cache is None:  # the shared file and this call's fresh rows may overlap after a race: one of each
-            keep = keep.take(pc.index_in(ids, value_set=keep.column("example_id")))
-    check_exactly_once(ids, keep)
-    return in_order(keep, ids)
+        cols = None if columns is None else ["example_id", *[c for c in columns if c != "example_id"]]
+        held = pa.concat_tables([pq.read_table(f, columns=cols) for f in files], promote_options="default")
+    # One lookup places every asked-for row (rows the call did not ask for are left out; after a race on
+    # the shared file a row may be there twice, and the first is taken).
+    at = pc.index_in(ids, value_set=held.column("example_id"))
+    if at.null_count:
+        missing = pc.filter(ids, pc.is_null(at))
+        raise ScoringError(f"scoring lost rows: {len(missing)} missing (e.g. {sorted(missing.to_pylist())[:3]})")
+    return held.take(at)

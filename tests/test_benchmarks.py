@@ -29,3 +29,13 @@ def test_random_model_shapes_have_the_real_models_parameter_counts(shape, vocab,
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(shape, vocab))
     assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_driver_memory_benchmark_streams_the_base_cache_in_less_memory():
+    """The driver's peak for one base call over 200k synthetic rows (Arrow's allocations, in fresh processes):
+    streaming the parts into the cache and reading one column back must take well under holding every column."""
+    from benchmarks.driver_memory import main
+
+    result = main(["--rows", "200000"])
+    assert result["ways"]["old"]["rows"] == result["ways"]["new"]["rows"] == 200_000
+    assert 0 < result["new_arrow_peak_mb"] < result["old_arrow_peak_mb"] / 1.5
