@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
 from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, pools_dir, row_group_of, write_inputs
-from pipeline.io import atomic, read_parquet, write_parquet
+from pipeline.io import atomic
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ class PoolScorer:
         scored again (exactly once in the result). `on_part(actor index, rows)` is called as each unit
         comes back."""
         with self._scored(inputs, mode, progress, seed, on_part) as (inp, out):
-            result = _read_parts(out, columns and ["example_id", *[c for c in columns if c != "example_id"]])
+            result = _read_parts(out, _with_id(columns))
         check_exactly_once(inp.example_ids, result)
         return in_order(result, inp.example_ids)
 
@@ -352,6 +352,15 @@ def _ids_in(path: Optional[Path]) -> Optional[pa.Array]:
     return pq.read_table(path, columns=["example_id"]).column("example_id").combine_chunks()
 
 
+def _with_id(columns: Optional[list[str]]) -> Optional[list[str]]:
+    """`columns` with example_id first (None: every column)."""
+    return None if columns is None else ["example_id", *[c for c in columns if c != "example_id"]]
+
+
+def _in(ids: pa.Array) -> Callable[[pa.Table], pa.Table]:
+    return lambda t: t.filter(pc.is_in(t.column("example_id"), value_set=ids))
+
+
 def _not_in(ids: Optional[pa.Array]) -> Optional[Callable[[pa.Table], pa.Table]]:
     if ids is None or len(ids) == 0:
         return None
@@ -400,7 +409,7 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
                 if own is not None:
                     wanted = pc.filter(wanted, pc.invert(pc.is_in(wanted, value_set=own)))
                 if len(wanted):
-                    from_common = lambda t: t.filter(pc.is_in(t.column("example_id"), value_set=wanted))  # noqa: E731
+                    from_common = _in(wanted)
             sources = ([(cache, None)] if own is not None else []) + \
                       ([(shared, from_common)] if from_common is not None else []) + ([(fresh, None)] if fresh else [])
             if len(sources) > (own is not None):
@@ -409,8 +418,7 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
             now = _ids_in(shared)  # re-read: another run may have added rows since
             stream_into(shared, ([(shared, None)] if now is not None else []) + [(fresh, _not_in(now))])
         files = [cache] if cache is not None else [p for p in (shared, fresh) if p is not None and p.is_file()]
-        cols = None if columns is None else ["example_id", *[c for c in columns if c != "example_id"]]
-        held = pa.concat_tables([pq.read_table(f, columns=cols) for f in files], promote_options="default")
+        held = pa.concat_tables([pq.read_table(f, columns=_with_id(columns)) for f in files], promote_options="default")
     # One lookup places every asked-for row (rows the call did not ask for are left out; after a race on
     # the shared file a row may be there twice, and the first is taken).
     at = pc.index_in(ids, value_set=held.column("example_id"))
