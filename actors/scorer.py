@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from typing import Any, Iterable, Optional
 
@@ -24,7 +25,15 @@ from pipeline.config import LoraConfig, ModelConfig, ScoringConfig, TaskConfig, 
 from pipeline.tasks import GenerationTask, VerbalizerTask, get_task
 from pipeline.uncertainty import generation_uncertainty, token_nll_and_entropy, verbalizer_uncertainty
 
+log = logging.getLogger(__name__)
 MODES = ("base", "lora", "eval")
+# A block's common prompt prefix is run once per pass, and its keys and values reused by every row, when it
+# is at least this many tokens. Shorter ones save less than the extra forward costs: BoolQ's own 12-token
+# lead-in ("Please answer the following question with true or false, question:") saved nothing measurable
+# on 2 CPU cores (SmolLM2-135M, 96 rows, T=3), and on a GPU a small model's forward is bound by kernel
+# dispatch whatever its length (~70 ms for SmolLM2-135M on an H100). deft's own templates never reach it;
+# templated and few-shot prompts (a long shared instruction) do.
+MIN_SHARED_PREFIX = 32
 
 
 class StaleAdapter(RuntimeError):
@@ -47,6 +56,28 @@ def verbalizer_token_ids(tokenizer, words: Iterable[str]) -> list[int]:
 def positions(mask: torch.Tensor) -> torch.Tensor:
     # Left padding: real tokens get positions 0..n-1, as they would unpadded.
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """Tokens every row of a block starts with, leaving each row at least its last token (whose logits are
+    the answer). 0 when the shared part is too short to be worth a forward of its own."""
+    if len(seqs) < 2:
+        return 0
+    n = min(len(os.path.commonprefix(seqs)), min(len(s) for s in seqs) - 1)  # commonprefix takes any sequences
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def plain_kv_cache(model, device) -> bool:
+    """Whether every layer of `model`'s KV cache is plain full attention (transformers' DynamicLayer), the
+    only kind a shared prefix is exact for: a sliding window counts the pads between the prefix and a row
+    as distance, and linear-attention or recurrent layers would run their state over those pads."""
+    from transformers.cache_utils import DynamicLayer
+
+    with torch.inference_mode():
+        cache = model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device), use_cache=True,
+                      logits_to_keep=1).past_key_values
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +121,12 @@ class Scorer:
         self.adapter_token: Optional[int] = 0  # which broadcast adapter this actor holds: 0, the initial one (B = 0)
         if isinstance(self.task, VerbalizerTask):
             self.label_ids = torch.tensor(verbalizer_token_ids(self.tokenizer, self.task.label_words), device=self.device)
+        # scoring.share_prefix applies where it is exact: verbalizer scoring on a full-attention KV cache
+        asked = self.scoring_cfg.share_prefix and isinstance(self.task, VerbalizerTask)
+        self.prefix_sharing = asked and plain_kv_cache(self.model, self.device)
+        if asked and not self.prefix_sharing:
+            log.info("scoring.share_prefix: %s has sliding-window or non-attention cache layers; every row runs "
+                     "its whole prompt", type(base).__name__)
 
     # ---- adapter -------------------------------------------------------------------------------------
     def set_adapter(self, state: dict[str, torch.Tensor], token: Optional[int] = None) -> int:
@@ -201,13 +238,14 @@ class Scorer:
         return self._score_verbalizer(seqs, mode)
 
     def _score_verbalizer(self, seqs: list[list[int]], mode: str) -> list[dict]:
-        ids, mask = self._pad(seqs)
-        pos = positions(mask)
+        p = shared_prefix(seqs) if self.prefix_sharing else 0
+        prefix = torch.tensor([seqs[0][:p]], device=self.device) if p else None
+        ids, mask = self._pad([s[p:] for s in seqs])
         passes = []
         with self._mode(mode, sample=True):
             for _ in range(self._passes(mode)):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits
-                passes.append(torch.softmax(logits[:, -1, self.label_ids].float(), dim=-1))
+                logits = self._last_logits(ids, mask, prefix)
+                passes.append(torch.softmax(logits[:, self.label_ids].float(), dim=-1))
         # One device-to-host copy per batch, not one per value (on a GPU each is a sync).
         u = {k: v.cpu() for k, v in verbalizer_uncertainty(torch.stack(passes, dim=1)).items()}
         confidence, best = u["probs"].max(-1)
@@ -226,6 +264,22 @@ class Scorer:
             }
             for i in range(len(seqs))
         ]
+
+    def _last_logits(self, ids: torch.Tensor, mask: torch.Tensor, prefix: Optional[torch.Tensor]) -> torch.Tensor:
+        """Next-token logits after each row's last token. With `prefix` (the block's shared first tokens,
+        cut from `ids`), the prefix runs once, as one row, and every row attends to its keys and values:
+        the rows' own tokens are the only ones computed per row. In a sampling pass the prefix's dropout
+        mask is then one mask shared by the block's rows: each row still gets a fresh mask per pass, so its
+        T passes remain T samples of its own predictive distribution, but the rows of a block share the
+        prefix's part of the noise, so their estimates' errors are correlated (top-k compares rows)."""
+        if prefix is None:
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1).logits[:, -1]
+        cache = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+        cache.batch_repeat_interleave(ids.shape[0])
+        full_mask = torch.cat([mask.new_ones(ids.shape[0], prefix.shape[1]), mask], dim=1)  # prefix, pads, row
+        pos = prefix.shape[1] + positions(mask)
+        return self.model(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, mode: str) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id

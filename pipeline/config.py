@@ -146,15 +146,19 @@ class ScoringConfig:
     # kernel dispatch at either size; on 2 CPU cores larger blocks only add padding).
     batch_size: Optional[int] = None
     num_actors: Optional[int] = None  # None: the resource plan decides
+    # Verbalizer tasks: a block's common prompt prefix (>= 32 tokens: a long instruction, few-shot examples)
+    # runs once per pass and its keys/values serve every row. Its MC dropout mask is then shared by the rows
+    # of the block (actors/scorer.py). false: every row runs its whole prompt.
+    share_prefix: bool = True
 
     def __post_init__(self):
         _require(self.mc_passes >= 1, f"scoring.mc_passes should be >= 1, got {self.mc_passes}")
         _require(self.batch_size is None or self.batch_size >= 1, f"scoring.batch_size should be >= 1, got {self.batch_size}")
+        _require(self.num_actors is None or self.num_actors >= 1, f"scoring.num_actors should be >= 1, got {self.num_actors}")
 
     def batch_size_on(self, gpu: bool) -> int:
         """The configured batch size, or the device's default."""
         return self.batch_size or (GPU_SCORING_BATCH if gpu else CPU_SCORING_BATCH)
-        _require(self.num_actors is None or self.num_actors >= 1, f"scoring.num_actors should be >= 1, got {self.num_actors}")
 
 
 @dataclass

@@ -1,4 +1,6 @@
 """The benchmarks that can run at test size do, and their last line is the JSON they promise."""
+import json
+
 import pytest
 import torch
 
@@ -39,3 +41,21 @@ def test_driver_memory_benchmark_streams_the_base_cache_in_less_memory():
     result = main(["--rows", "200000"])
     assert result["ways"]["old"]["rows"] == result["ways"]["new"]["rows"] == 200_000
     assert 0 < result["new_arrow_peak_mb"] < result["old_arrow_peak_mb"] / 1.5
+
+
+def test_scoring_benchmark_reports_the_plain_and_the_templated_pool(ray_local, tiny_model_dir, capsys):
+    """Every path runs on both pools, and on the templated one deft runs the shared instruction once a block."""
+    from conftest import SHARED
+
+    from benchmarks.scoring import main
+
+    result = main(["--model", tiny_model_dir, "--data", str(SHARED / "boolq" / "train.jsonl"), "--rows", "32",
+                   "--reference-rows", "4", "--actors", "1", "--dtype", "float32", "--train-steps", "2",
+                   "--batch-size", "8", "--shots", "1"])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == json.dumps(result)
+    plain, templated = result["pools"]["plain"], result["pools"]["templated"]
+    assert set(plain["examples_per_s_by_path"]) == {"deft", "limit", "reference", "baal"}
+    assert set(templated["examples_per_s_by_path"]) == {"deft", "limit", "baal"}
+    assert result["ratio_vs_limit"] == plain["ratio_vs_limit"] > 0 and templated["ratio_vs_baal"] > 0
+    assert plain["mean_shared_prefix_tokens"] == 0  # BoolQ prompts start with the question
+    assert templated["mean_shared_prefix_tokens"] > 0.5 * templated["mean_prompt_tokens"]

@@ -27,6 +27,8 @@ def test_yaml_and_overrides(tmp_path):
         (["bogus=1"], "unknown config key 'bogus'"),
         (["scoring.mc_passes=0"], "scoring.mc_passes should be >= 1, got 0"),
         (["scoring.mc_passes=three"], "scoring.mc_passes should be an integer, got 'three'"),
+        (["scoring.num_actors=0"], "scoring.num_actors should be >= 1, got 0"),
+        (["scoring.share_prefix=sometimes"], "scoring.share_prefix should be"),
         (["task.name=squad"], "task.name should be one of"),
         (["lora.r=0"], "lora.r should be positive, got 0"),
         (["lora.dropout=1.5"], r"lora.dropout should be in \[0, 1\), got 1.5"),

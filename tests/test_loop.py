@@ -282,3 +282,34 @@ def test_candidate_sampling_scores_a_seeded_subset_each_round(tiny_model_dir, sc
     ActiveLearningRun(cfg, again, scorer=scorer).run()
     assert [read_parquet(RunDir(again).scores_file(k)).column("example_id").to_pylist() for k in (0, 1)] == \
         [read_parquet(rd.scores_file(k)).column("example_id").to_pylist() for k in (0, 1)]
+
+
+def test_a_templated_task_shares_its_instruction_in_the_real_loop(tiny_model_dir, scorer, tmp_path):
+    """A custom task whose template puts a long instruction before every question: the loop's scorers run
+    that prefix once per block, and the base scores they cache are the unshared forward's."""
+    import torch
+
+    from actors.scorer import Scorer, shared_prefix
+    from pipeline.data import pool_from_config
+    from pipeline.tasks import get_task
+
+    from conftest import scorer_kwargs
+    from test_scorer import INSTRUCTION
+
+    task = {"name": "custom", "input_fields": ["question"], "answer_field": "answer", "labels": ["true", "false"],
+            "label_words": [" true", " false"], "prompt_template": INSTRUCTION + "{question}\nthe correct answer is"}
+    cfg = loop_config(tiny_model_dir, task=task)
+    path = tmp_path / "run"
+    metrics = ActiveLearningRun(cfg, path, scorer=scorer).run()
+    assert [m["labels"] for m in metrics] == [6, 11]
+    base = read_parquet(RunDir(path).base_uncertainty_file).sort_by("example_id")
+    assert base.num_rows == 40
+    pool = pool_from_config(cfg.data, get_task(cfg.task), cfg.seed, require_label=True).for_scoring()
+    prompts = dict(zip(pool.column("example_id").to_pylist(), pool.column("prompt").to_pylist()))
+    batch = {"example_id": base.column("example_id").to_pylist()}
+    batch["prompt"] = [prompts[e] for e in batch["example_id"]]
+    plain = Scorer(**scorer_kwargs(cfg, tiny_model_dir))
+    assert shared_prefix(plain.tokenizer(batch["prompt"][:4]).input_ids) > 0  # the instruction is long enough
+    plain.prefix_sharing = False
+    unshared = plain.score(batch, "base")
+    assert torch.allclose(torch.tensor(base.column("entropy").to_pylist()), torch.tensor(unshared["entropy"]), atol=1e-5)

@@ -170,3 +170,119 @@ def test_a_unit_that_needs_another_adapter_is_refused(tiny_model_dir, tmp_path):
     assert scorer.score_unit(*unit, "base", 0, str(tmp_path / "b.parquet"), adapter_token=3) == 4  # base needs none
     scorer.set_adapter(trained_like_adapter(adapter_state(scorer.model)), token=3)
     assert scorer.score_unit(*unit, "lora", 0, str(tmp_path / "c.parquet"), adapter_token=3) == 4
+
+
+# ---- a shared prompt prefix runs once per block -------------------------------------------------------
+INSTRUCTION = ("You are grading arithmetic questions. Read each question carefully, work out both sides, "
+               "and answer with one word only. Questions follow.\n\n")
+
+
+@pytest.fixture(scope="module")
+def templated(batch):
+    # rows of different lengths, so the blocks pad between the shared instruction and each row's own tokens
+    return {"example_id": batch["example_id"],
+            "prompt": [INSTRUCTION + "Think it over. " * (i % 5) + p for i, p in enumerate(batch["prompt"])]}
+
+
+class _Tokens:
+    """Counts the token positions the model embeds, and the widths of the batches whose LoRA dropouts sampled."""
+
+    def __init__(self, model):
+        self.positions, self.sampled_widths = 0, []
+        emb = model.get_input_embeddings()
+        self.hooks = [emb.register_forward_hook(self._embedded)]
+        drop = next(m for m in model.modules() if isinstance(m, (FastDropout, torch.nn.Dropout)))
+        self.hooks.append(drop.register_forward_pre_hook(self._dropout))
+
+    def _embedded(self, module, args, out):
+        self.positions += args[0].numel()
+
+    def _dropout(self, module, args):
+        if module.training:
+            self.sampled_widths.append(args[0].shape[0])
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def _score_counting(scorer, batch, mode, share: bool):
+    was, scorer.prefix_sharing = scorer.prefix_sharing, share
+    tokens = _Tokens(scorer.model)
+    try:
+        return scorer.score(batch, mode), tokens
+    finally:
+        tokens.remove()
+        scorer.prefix_sharing = was
+
+
+def _blocks(scorer, prompts):
+    """The scorer's blocks for `prompts`: token ids sorted by length, batch_size rows each."""
+    seqs = sorted(scorer.tokenizer(prompts).input_ids, key=len)
+    bs = scorer.scoring_cfg.batch_size_on(False)
+    return [seqs[i:i + bs] for i in range(0, len(seqs), bs)]
+
+
+def test_shared_prefix_needs_enough_tokens_and_leaves_each_row_its_last_token():
+    from actors.scorer import MIN_SHARED_PREFIX, shared_prefix
+
+    long = list(range(100, 100 + MIN_SHARED_PREFIX))
+    assert shared_prefix([long + [1, 2], long + [3]]) == MIN_SHARED_PREFIX
+    assert shared_prefix([long + [1], long + [1]]) == MIN_SHARED_PREFIX  # identical rows keep their last token
+    assert shared_prefix([long[:-1] + [1], long[:-1] + [2]]) == 0  # too short to be worth a forward
+    assert shared_prefix([long + [1, 2]]) == 0  # one row shares with nobody
+    assert shared_prefix([[7] + long, [8] + long]) == 0  # a common middle is not a prefix
+
+
+def test_a_shared_prefix_runs_once_per_block_and_pass_and_gives_each_rows_own_scores(scorer, trained, templated):
+    from actors.scorer import shared_prefix
+
+    blocks = _blocks(scorer, templated["prompt"])
+    assert all(shared_prefix(b) > 0 for b in blocks) and any(len(b[0]) != len(b[-1]) for b in blocks)  # padded
+    for mode in ("base", "eval"):  # base: the adapter off; eval: the trained adapter, which spreads the scores
+        shared, fewer = _score_counting(trained, templated, mode, share=True)
+        whole, more = _score_counting(trained, templated, mode, share=False)
+        assert fewer.positions == sum(shared_prefix(b) + len(b) * (len(b[-1]) - shared_prefix(b)) for b in blocks)
+        assert more.positions == sum(len(b) * len(b[-1]) for b in blocks)
+        assert shared["n_tokens"] == whole["n_tokens"]
+        for i in range(len(templated["prompt"])):  # against each row alone: no padding, no sharing
+            alone = trained.score({"example_id": [templated["example_id"][i]], "prompt": [templated["prompt"][i]]}, mode)
+            assert torch.allclose(torch.tensor(shared["probs"][i]), torch.tensor(alone["probs"][0]), atol=1e-5)
+
+
+def test_a_model_with_a_sliding_window_does_not_share(scorer):
+    """Sharing is exact only on a full-attention cache: a sliding window would count the pads between the
+    prefix and a row as distance."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from actors.scorer import plain_kv_cache
+
+    assert scorer.prefix_sharing and plain_kv_cache(scorer.model, scorer.device)
+    tiny = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1)
+    assert plain_kv_cache(MistralForCausalLM(MistralConfig(**tiny, sliding_window=None)), torch.device("cpu"))
+    assert not plain_kv_cache(MistralForCausalLM(MistralConfig(**tiny, sliding_window=8)), torch.device("cpu"))
+
+
+def test_a_shared_prefix_still_samples_its_dropout_in_mc_passes(trained, templated):
+    shared, tokens = _score_counting(trained, templated, "lora", share=True)
+    blocks = _blocks(trained, templated["prompt"])
+    # each pass samples the prefix once (one row wide) and then the block's rows
+    assert tokens.sampled_widths == [w for b in blocks for _ in range(trained.scoring_cfg.mc_passes) for w in (1, len(b))]
+    assert all(b > 0 for b in shared["bald"])
+    assert trained.score(templated, "lora")["bald"] == shared["bald"]  # reproducible for a fixed seed
+    whole, _ = _score_counting(trained, templated, "lora", share=False)
+    assert shared["bald"] != whole["bald"]  # the prefix mask is one per block now, so the samples differ
+
+
+def test_a_shared_prefix_estimates_the_same_predictive_mean(trained, templated):
+    """Each row's passes sample the same distribution either way: with enough passes the MC means agree (at
+    T=3 they differ by up to ~0.13 here, which is MC noise, not bias)."""
+    was, trained.scoring_cfg.mc_passes = trained.scoring_cfg.mc_passes, 128
+    try:
+        shared, _ = _score_counting(trained, templated, "lora", share=True)
+        whole, _ = _score_counting(trained, templated, "lora", share=False)
+    finally:
+        trained.scoring_cfg.mc_passes = was
+    gap = (torch.tensor(shared["probs"]) - torch.tensor(whole["probs"])).abs().max().item()
+    assert gap < 0.05, gap
