@@ -251,12 +251,13 @@ class LoraRecipe:
     def _setup_engine(self, model, total_steps: int):
         import deepspeed
 
-        from cluster.deepspeed import deepspeed_config
+        from cluster.deepspeed import deepspeed_config, skip_unused_shm_op
 
         micro = math.ceil(self.cfg.batch_size / self.world)
         optimizer = build_optimizer(model, self.cfg)
         schedule = build_schedule(optimizer, self.cfg, total_steps)
         ds_cfg = deepspeed_config(self.cfg.zero_stage, micro, 1, self.world, self.bf16, self.cfg.max_grad_norm)
+        skip_unused_shm_op()
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_cfg)
         return engine
 

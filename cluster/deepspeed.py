@@ -5,6 +5,10 @@ DeepSpeed wraps it, which keeps our per-group settings.
 """
 from __future__ import annotations
 
+import os
+
+SHM_OP = "deepspeed_shm_comm"
+
 
 def deepspeed_config(
     stage: int = 2,
@@ -33,3 +37,21 @@ def deepspeed_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def skip_unused_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory allreduce op where it would never start it.
+
+    On the CPU accelerator every process group builds `deepspeed_shm_comm` (a C++ compile, 60-80 s on 2
+    cores, on first use per machine) but starts it only when LOCAL_SIZE equals the world size
+    (csrc/cpu/comm/shm_interface.cpp), and Ray Train never sets LOCAL_SIZE: training uses torch's gloo
+    allreduce either way. The build is pure cost, and a risk: torch's JIT guards each build with a lock
+    file that a killed process leaves behind, and every later build then waits on it forever
+    (torch.utils.file_baton). DeepSpeed keeps its op table as one module-level dict so that edits to it
+    persist (deepspeed/ops/__init__.py), and `build_shm_op` skips an op marked incompatible there.
+    """
+    if os.environ.get("LOCAL_SIZE"):
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False

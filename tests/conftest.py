@@ -68,3 +68,14 @@ def ray_local(tmp_path_factory):
     ray = connect(num_cpus=2, temp_dir=str(temp))
     yield ray
     shutdown()
+
+
+def pytest_runtest_logreport(report):
+    """Print a failure's report the moment it happens, not only in the summary at the end: a CI run cut off
+    by its time limit then still shows why its tests failed."""
+    if report.failed:
+        import sys
+
+        text = report.longreprtext
+        sys.stderr.write(f"\n=== FAILED {report.nodeid} ({report.when}, {report.duration:.0f} s) ===\n{text[-4000:]}\n")
+        sys.stderr.flush()

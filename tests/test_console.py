@@ -24,8 +24,8 @@ NOISE = re.compile(r"PlacementGroupCleaner|FutureWarning|DeprecationWarning|Trai
                    r"Loading weights|Setting accelerator|\(RayTrainWorker|\(Scorer|Traceback")
 
 
-def _deft(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ADDRESS": ""}
+def _deft(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ADDRESS": "", **env_vars}
     env.pop("DEFT_VERBOSE", None)
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -42,9 +42,11 @@ def _config(tmp_path: Path, model_dir: str, rounds: int = 1, **train) -> Path:
 
 
 def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
-    """Also the whole loop under Ray Train + DeepSpeed: two rounds, the second warm-started from the first."""
-    run = tmp_path / "run"
-    done = _deft("run", str(_config(tmp_path, tiny_model_dir, rounds=2, backend="ray")), "--run-dir", str(run))
+    """Also the whole loop under Ray Train + DeepSpeed: two rounds, the second warm-started from the first,
+    with nothing JIT-built (cluster.deepspeed.skip_unused_shm_op)."""
+    run, extensions = tmp_path / "run", tmp_path / "torch_extensions"
+    done = _deft("run", str(_config(tmp_path, tiny_model_dir, rounds=2, backend="ray")), "--run-dir", str(run),
+                 TORCH_EXTENSIONS_DIR=str(extensions))
     console = (done.stdout + done.stderr).replace("\r", "\n")
     assert done.returncode == 0, console
     noise = [line for line in console.splitlines() if NOISE.search(line)]
@@ -61,6 +63,7 @@ def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
     for k in (0, 1):
         assert (rd.adapter_dir(k) / "adapter_model.safetensors").is_file()
         assert json.loads((rd.round_dir(k) / "train_metrics.json").read_text())["world_size"] == 2  # train.num_workers
+    assert not extensions.exists() or not any(extensions.iterdir()), sorted(extensions.rglob("*"))
 
 
 def test_verbose_brings_the_workers_output_back(tmp_path, tiny_model_dir):
