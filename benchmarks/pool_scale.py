@@ -62,7 +62,6 @@ def main(argv=None) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import numpy as np
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     from actors.model import adapter_state, attach_lora, load_model
     from benchmarks.device import cpu_name
@@ -73,7 +72,7 @@ def main(argv=None) -> dict:
     import torch
 
     from pipeline.loop import LoraScores
-    from pipeline.scoring import PoolScorer, base_uncertainty, in_order
+    from pipeline.scoring import PoolScorer, base_uncertainty
     from pipeline.strategies import MEASURE_COLUMNS
     from pipeline.uncertainty import dynamic_score
     from pipeline.strategies import select
@@ -118,10 +117,11 @@ def main(argv=None) -> dict:
         def lora_round():
             """What a STAR round of the loop does: every lora column to a file, one back, the mix, the top b,
             scores.parquet streamed from the file, then the prompts and labels of the picked rows."""
-            unlabeled = pool.ids.filter(pc.invert(pc.is_in(pool.ids, value_set=labeled)))
-            u_base = in_order(base, unlabeled).column("entropy").to_numpy()
-            lora = LoraScores(scorer.score_to_file(pool.scoring_input(unlabeled), "lora", work / "lora.parquet",
-                                                   progress=False), unlabeled)
+            rows = pool.rows_without(labeled)
+            unlabeled = pool.ids.take(pa.array(rows, pa.int64()))
+            u_base = base.column("entropy").to_numpy()[rows]
+            lora = LoraScores(scorer.score_to_file(pool.scoring_input(rows=rows), "lora", work / "lora.parquet",
+                                                   progress=False))
             u_lora = lora.floats("entropy")
             score = dynamic_score(torch.from_numpy(u_lora), torch.from_numpy(u_base), 0.5).numpy()
             picked = select(unlabeled, score, args.select, np.random.default_rng(0))

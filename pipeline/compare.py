@@ -20,7 +20,6 @@ random's own mean curve needs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import statistics

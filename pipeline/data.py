@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.io import iter_batches
 from pipeline.tasks import BadRow, Task
 
 POOL_SCHEMA = pa.schema(
@@ -133,11 +134,24 @@ class Pool:
         """The only view of the pool a scorer gets, in memory: ids and prompts, never labels."""
         return pq.read_table(self.inputs_path, columns=SCORER_COLUMNS)
 
-    def scoring_input(self, example_ids=None) -> "ScoringInput":
-        """What scorers read for `example_ids` (default: every row): inputs.parquet and row positions in it."""
-        at = np.arange(len(self)) if example_ids is None else np.sort(self.positions(example_ids))
-        return ScoringInput(str(self.inputs_path), self.row_group_rows, at, self.n_chars[at],
-                            self.ids.take(pa.array(at, pa.int64())))
+    def scoring_input(self, example_ids=None, rows: Optional[np.ndarray] = None) -> "ScoringInput":
+        """What scorers read for `example_ids`, or for the rows at positions `rows` (ascending), default every
+        row: inputs.parquet and row positions in it. The whole pool shares the pool's own arrays."""
+        at = np.sort(self.positions(example_ids)) if rows is None and example_ids is not None else rows
+        if at is None or len(at) == len(self):
+            return ScoringInput(str(self.inputs_path), self.row_group_rows, np.arange(len(self)), self.n_chars, self.ids)
+        return ScoringInput(str(self.inputs_path), self.row_group_rows, at, self.n_chars[at], self.ids_at(at))
+
+    def ids_at(self, rows: np.ndarray) -> pa.Array:
+        """The example_ids at positions `rows` (ascending, distinct): the pool's own array when that is all of them."""
+        return self.ids if len(rows) == len(self) else self.ids.take(pa.array(rows, pa.int64()))
+
+    def rows_without(self, example_ids) -> np.ndarray:
+        """Positions (ascending) of the rows whose example_id is not in `example_ids`: the unlabelled rows,
+        found by one pass over the pool's ids against a set of the (few) labelled ones, with no index of
+        the pool's ids (at 10M rows that index would be the driver's largest allocation)."""
+        labelled = pc.is_in(self.ids, value_set=as_id_array(example_ids))
+        return np.flatnonzero(~labelled.to_numpy(zero_copy_only=False))
 
 
 @dataclass(frozen=True)
@@ -215,11 +229,11 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict | BadRow]]:
 
 def _read_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     try:
-        f = pq.ParquetFile(path)
+        batches = iter_batches(path, ROW_GROUP_ROWS)  # a batch at a time: never the whole file in memory
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from None
     line = 1
-    for batch in f.iter_batches(batch_size=ROW_GROUP_ROWS):  # a batch at a time: never the whole file in memory
+    for batch in batches:
         for row in batch.to_pylist():
             yield line, row
             line += 1

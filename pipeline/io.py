@@ -45,3 +45,13 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> Path:
 
 def read_parquet(path: str | os.PathLike) -> pa.Table:
     return pq.read_table(path)
+
+
+def iter_batches(path: str | os.PathLike, batch_size: int, columns: list[str] | None = None):
+    """The record batches of a Parquet file, `batch_size` rows at a time, holding about one row group.
+
+    pre_buffer=False: with pre-buffering, pyarrow 26 read the row groups' column chunks ahead while
+    iterating. Streaming a 2M-row base score file (every verbalizer column) a batch at a time took ~193 MB
+    of Arrow memory at its peak that way, and ~33 MB without it (measured on the file round_memory's
+    stand-in scorer writes)."""
+    return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.config import Config, ConfigError, resume_config, resume_hint
 from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
-from pipeline.io import atomic, read_parquet, write_json, write_parquet
+from pipeline.io import atomic, iter_batches, read_parquet, write_json, write_parquet
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
@@ -178,19 +178,21 @@ class ActiveLearningRun:
 
     # ---- phases ----------------------------------------------------------------------------------------
     def _scoring(self, k: int) -> None:
-        unlabeled = self._candidates(k, self._unlabeled())  # example_ids, in pool order
+        rows = self._candidates(k, self._unlabeled())  # positions in the pool, ascending
         if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
             write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
-        n = len(unlabeled)
+        n = len(rows)
         u_base = u_lora = base = lora = None
         cold_by_base = k == 0 and self.cfg.al.initial == "base_uncertainty"
         if self.strategy.uses_base or cold_by_base:  # scored once, in round 0, and cached
             whole = self.cfg.al.base_on_full_pool or self.cfg.al.candidates is None
             shown = k == 0 or not self.strategy.uses_lora  # base's answers go to scores.parquet (no lora this round)
-            base = base_uncertainty(self.scorer, self.pool.scoring_input(None if whole else unlabeled),
+            base = base_uncertainty(self.scorer, self.pool.scoring_input(rows=None if whole else rows),
                                     self.run_dir.base_uncertainty_file, self.base_cache,
                                     columns=[self.base_measure, *(["prediction", "confidence"] if shown else [])])
-            base = in_order(base, unlabeled)  # once: every column below is then in `unlabeled`'s order
+            base = base.drop_columns(["example_id"])  # in the asked order: positions place the rows from here
+            if base.num_rows != n:  # the whole pool's, in pool order: keep the rows' own, in their order
+                base = base.take(pa.array(rows, pa.int64()))
             u_base = _floats(base, self.base_measure)
         if k == 0:  # cold start: no adapter has been trained yet
             score = u_base if cold_by_base else self._rng(k, "cold").random(n)
@@ -198,18 +200,17 @@ class ActiveLearningRun:
             if self.strategy.uses_lora:  # adapter k-1, trained on rounds 0..k-1, scores round k
                 self.scorer.set_adapter(self._adapter_state(k - 1))
                 # Every column to a file, then one back to the driver: at 10M rows the others would be ~1 GB.
-                lora = LoraScores(self.scorer.score_to_file(self.pool.scoring_input(unlabeled), "lora",
-                                                            self.run_dir.round_dir(k) / LORA_SCRATCH, seed=self.cfg.seed),
-                                  unlabeled)
+                lora = LoraScores(self.scorer.score_to_file(self.pool.scoring_input(rows=rows), "lora",
+                                                            self.run_dir.round_dir(k) / LORA_SCRATCH, seed=self.cfg.seed))
                 u_lora = lora.floats(self.strategy.measure)
             score = self.strategy.acquisition(RoundScores(n, u_base, u_lora, adapter=k - 1), self._rng(k, "strategy"))
         if lora is None:
             # The newest model's own answer and confidence, shown to annotators beside each row (label
             # export); null where this round scored nothing (random, the cold start).
             write_parquet(self.run_dir.scores_file(k), pa.table({
-                "example_id": unlabeled,
+                "example_id": self.pool.ids_at(rows),
                 "u_lora": pa.nulls(n, pa.float64()),
-                "u_base": pa.array(u_base if u_base is not None else [None] * n, pa.float64()),
+                "u_base": pa.array(u_base, pa.float64()) if u_base is not None else pa.nulls(n, pa.float64()),
                 "score": pa.array(score, pa.float64()),
                 "prediction": _column(base, n, "prediction", pa.string()),
                 "confidence": _column(base, n, "confidence", pa.float64()),
@@ -338,19 +339,17 @@ class ActiveLearningRun:
                 for r, p in zip(labeled.to_pylist(), pool)]
         return pa.Table.from_pylist(rows)
 
-    def _candidates(self, k: int, unlabeled: pa.Array) -> pa.Array:
-        """al.candidates: a seeded random subset of the unlabelled ids (in pool order), a fresh one each
-        round; the whole of them without it, or when fewer remain."""
+    def _candidates(self, k: int, unlabeled: np.ndarray) -> np.ndarray:
+        """al.candidates: a seeded random subset of the unlabelled rows (positions, ascending), a fresh one
+        each round; the whole of them without it, or when fewer remain."""
         n = self.cfg.al.candidates
         if n is None or len(unlabeled) <= n:
             return unlabeled
-        keep = np.sort(self._rng(k, "candidates").choice(len(unlabeled), size=n, replace=False))
-        return unlabeled.take(pa.array(keep, pa.int64()))
+        return unlabeled[np.sort(self._rng(k, "candidates").choice(len(unlabeled), size=n, replace=False))]
 
-    def _unlabeled(self) -> pa.Array:
-        """The example_ids of the pool's unlabelled rows, in pool order (ids only: prompts stay on disk)."""
-        have = self.run_dir.read_labeled().column("example_id")
-        return self.pool.ids.filter(pc.invert(pc.is_in(self.pool.ids, value_set=have)))
+    def _unlabeled(self) -> np.ndarray:
+        """The pool positions of the unlabelled rows, ascending (positions only: ids and prompts stay put)."""
+        return self.pool.rows_without(self.run_dir.read_labeled().column("example_id"))
 
     def _rng(self, k: int, purpose: str) -> np.random.Generator:
         return np.random.default_rng([self.cfg.seed, k, sum(purpose.encode())])
@@ -407,19 +406,14 @@ LORA_SCRATCH = ".lora_scores.parquet"  # a round's every lora column, until scor
 
 
 class LoraScores:
-    """A round's u_lora file (every column, in the scorers' order, never whole in the driver), placed
-    against the round's unlabelled ids once: `at[i]` is the position in `unlabeled` of the file's row i."""
+    """A round's u_lora file (every column, in the asked rows' order, never whole in the driver)."""
 
-    def __init__(self, path: Path, unlabeled: pa.Array):
-        self.path, self.n = path, len(unlabeled)
-        ids = pq.read_table(path, columns=["example_id"]).column("example_id")
-        self.at = pc.index_in(ids, value_set=unlabeled).to_numpy(zero_copy_only=False)
+    def __init__(self, path: Path):
+        self.path = path
 
     def floats(self, column: str) -> np.ndarray:
-        """One column, in `unlabeled`'s order."""
-        out = np.empty(self.n)
-        out[self.at] = pq.read_table(self.path, columns=[column]).column(column).to_numpy()
-        return out
+        """One column, in the asked rows' order."""
+        return _floats(pq.read_table(self.path, columns=[column]), column)
 
     def write_scores(self, dest: Path, measure: str, measures: list[str], u_base: Optional[np.ndarray],
                      score: np.ndarray) -> None:
@@ -433,14 +427,13 @@ class LoraScores:
         def write(tmp: str) -> None:
             with pq.ParquetWriter(tmp, schema) as writer:
                 start = 0
-                for batch in pq.ParquetFile(self.path).iter_batches(
-                        batch_size=65_536, columns=["example_id", *measures, "prediction", "confidence"]):
-                    at = self.at[start:start + batch.num_rows]
+                for batch in iter_batches(self.path, 65_536, ["example_id", *measures, "prediction", "confidence"]):
+                    at = slice(start, start + batch.num_rows)
                     start += batch.num_rows
                     writer.write_table(pa.table({
                         "example_id": batch.column("example_id"),
                         "u_lora": batch.column(measure),
-                        "u_base": pa.array(u_base[at] if u_base is not None else [None] * len(at), pa.float64()),
+                        "u_base": pa.array(u_base[at] if u_base is not None else [None] * batch.num_rows, pa.float64()),
                         "score": pa.array(score[at], pa.float64()),
                         **{f"lora_{c}": batch.column(c) for c in measures},
                         "prediction": batch.column("prediction"),
@@ -450,15 +443,15 @@ class LoraScores:
         atomic(dest, write)
 
 
-def _column(scored: Optional[pa.Table], n: int, column: str, type: pa.DataType) -> pa.Array:
-    """`scored[column]` as one array of `type` (all n null if nothing was scored)."""
+def _column(scored: Optional[pa.Table], n: int, column: str, type: pa.DataType) -> pa.ChunkedArray:
+    """`scored[column]` as `type` (all n null if nothing was scored), its chunks kept: no copy of a large pool's."""
     if scored is None:
-        return pa.nulls(n, type)
-    return scored.column(column).combine_chunks().cast(type)
+        return pa.chunked_array([pa.nulls(n, type)])
+    return scored.column(column).cast(type)
 
 
 def _floats(scored: pa.Table, column: str) -> np.ndarray:
-    return np.array(_column(scored, scored.num_rows, column, pa.float64()).to_numpy(zero_copy_only=False))  # writable
+    return np.array(_column(scored, scored.num_rows, column, pa.float64()).to_numpy())  # writable
 
 
 def _self_training_line(summary: dict) -> dict:

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
 from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, pools_dir, row_group_of, write_inputs
-from pipeline.io import atomic
+from pipeline.io import atomic, iter_batches
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +99,6 @@ def plan_units(inp: ScoringInput, batch_size: int, n_actors: int, steps: int = P
              for a, b in zip(np.r_[0, cuts], np.r_[cuts, n])]
     units.sort(key=lambda u: -u.longest)
     return [dataclasses.replace(u, index=i) for i, u in enumerate(units)]
-
-
-def check_exactly_once(expected, got: pa.Table) -> None:
-    """Raise unless `got` has exactly one row per expected example_id (a list or an Arrow array)."""
-    expected = as_id_array(expected)
-    ids = got.column("example_id")
-    dupes = len(ids) - pc.count_distinct(ids).as_py()
-    missing = pc.filter(expected, pc.invert(pc.is_in(expected, value_set=ids)))
-    extra = pc.filter(ids, pc.invert(pc.is_in(ids, value_set=expected)))
-    if dupes or len(missing) or len(extra):
-        raise ScoringError(
-            f"scoring lost or duplicated rows: {len(missing)} missing (e.g. {sorted(missing.to_pylist())[:3]}), "
-            f"{dupes} duplicated, {len(extra)} unexpected"
-        )
 
 
 def in_order(table: pa.Table, example_ids) -> pa.Table:
@@ -216,24 +202,28 @@ class PoolScorer:
         the driver reads back `columns` (default all). A scorer that dies mid-call is revived and its units
         scored again (exactly once in the result). `on_part(actor index, rows)` is called as each unit
         comes back."""
-        with self._scored(inputs, mode, progress, seed, on_part) as (inp, out):
-            result = _read_parts(out, _with_id(columns))
-        check_exactly_once(inp.example_ids, result)
-        return in_order(result, inp.example_ids)
+        with self._scored(inputs, mode, progress, seed, on_part) as (inp, out, units):
+            return pa.concat_tables(list(_in_input_order(inp, out, units, columns)), promote_options="default")
 
     def score_to_file(self, inputs: ScoringInput | pa.Table, mode: str, path: Path, progress: bool = True,
                       seed: Optional[int] = None) -> Path:
-        """As `score`, but every column goes to the Parquet file `path` (atomically, in no particular row
-        order), streamed from the scorers' parts one at a time: the driver never holds the scores."""
-        with self._scored(inputs, mode, progress, seed, None) as (inp, out):
-            stream_into(path, [(part, None) for part in sorted(out.glob("part-*.parquet"))])
-        check_exactly_once(inp.example_ids, pq.read_table(path, columns=["example_id"]))
-        return Path(path)
+        """As `score`, but every column goes to the Parquet file `path` (atomically, in `inputs`' order),
+        streamed from the scorers' parts a row group at a time: the driver never holds the scores."""
+        with self._scored(inputs, mode, progress, seed, None) as (inp, out, units):
+            schema = pa.unify_schemas([pq.read_schema(p) for p in sorted(out.glob("part-*.parquet"))],
+                                      promote_options="permissive")
+
+            def write(tmp: str) -> None:
+                with pq.ParquetWriter(tmp, schema) as writer:
+                    for table in _in_input_order(inp, out, units):
+                        writer.write_table(_conform(table, schema))
+
+            return atomic(Path(path), write)
 
     @contextlib.contextmanager
     def _scored(self, inputs: ScoringInput | pa.Table, mode: str, progress: bool, seed: Optional[int],
                 on_part: Optional[Callable[[int, int], None]]):
-        """(the ScoringInput, the folder of the scorers' Parquet parts) while the parts exist."""
+        """(the ScoringInput, the folder of the scorers' Parquet parts, the units they hold) while the parts exist."""
         if isinstance(inputs, pa.Table):
             if inputs.column_names != SCORER_COLUMNS:
                 raise ScoringError(f"scorers take exactly {SCORER_COLUMNS}, got {inputs.column_names}")
@@ -249,15 +239,16 @@ class PoolScorer:
         scores.mkdir(exist_ok=True)
         out = Path(tempfile.mkdtemp(dir=scores, prefix=f"{mode}-"))
         try:
-            self._dispatch(inputs, mode, self.cfg.seed if seed is None else seed, out, progress, on_part)
-            yield inputs, out
+            units = self._dispatch(inputs, mode, self.cfg.seed if seed is None else seed, out, progress, on_part)
+            yield inputs, out, units
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
     def _dispatch(self, inputs: ScoringInput, mode: str, seed: int, out: Path, progress: bool,
-                  on_part: Optional[Callable[[int, int], None]]) -> None:
+                  on_part: Optional[Callable[[int, int], None]]) -> list[Unit]:
         """Keep every actor busy with units (two in flight each, so none waits for the next) until all are
-        written. Work goes out as (file, row group, offsets): a few bytes a unit, whatever the pool's size.
+        written; returns the units (unit i is in part-i). Work goes out as (file, row group, offsets): a
+        few bytes a unit, whatever the pool's size.
 
         Ray Data's `streaming_split` would also feed long-lived actors from a dataset, but a split whose
         consumer dies cannot hand that consumer's blocks to anyone else; here a dead actor's units go back
@@ -268,7 +259,8 @@ class PoolScorer:
         from actors.scorer import StaleAdapter
 
         bs = self.cfg.scoring.batch_size_on(self.plan.use_gpu)
-        queue = deque(plan_units(inputs, bs, len(self.actors)))
+        units = plan_units(inputs, bs, len(self.actors))
+        queue = deque(units)
         inflight: dict = {}
         deaths = 0
 
@@ -304,6 +296,7 @@ class PoolScorer:
                 if on_part is not None:
                     on_part(i, u.rows)
                 submit(i)
+        return units
 
     def shutdown(self) -> None:
         import ray
@@ -313,11 +306,33 @@ class PoolScorer:
         self.actors = []
 
 
-def _read_parts(out: Path, columns: Optional[list[str]]) -> pa.Table:
-    """The scorers' Parquet parts as one table. Each part's types are its own (a generation unit whose every
-    answer failed to parse has an all-null `prediction`), so the parts are unified, not read as one dataset."""
-    parts = [pq.read_table(path, columns=columns) for path in sorted(out.glob("part-*.parquet"))]
-    return pa.concat_tables(parts, promote_options="default")
+def _in_input_order(inp: ScoringInput, out: Path, units: list[Unit], columns: Optional[list[str]] = None):
+    """The scorers' parts in `inp`'s row order, a row group at a time (tables of up to `row_group_rows`
+    rows): a unit's rows are offsets of one row group, and `inp`'s rows go by position, so sorting each
+    group's rows by offset restores it, with no lookup by id. Each group's ids are checked against `inp`'s,
+    so every asked row is there exactly once. Each part's types are its own (a generation unit whose every
+    answer failed to parse has an all-null `prediction`), so they are unified."""
+    by_group: dict[int, list[Unit]] = {}
+    for u in units:
+        by_group.setdefault(u.group, []).append(u)
+    start = 0
+    for group in sorted(by_group):
+        parts = by_group[group]
+        files = [out / f"part-{u.index:06d}.parquet" for u in parts]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ScoringError(f"scoring lost rows: a scorer's part is missing ({', '.join(missing)})")
+        table = pa.concat_tables([pq.read_table(f, columns=_with_id(columns)) for f in files], promote_options="default")
+        offsets = np.concatenate([u.offsets for u in parts])
+        table = table.take(pa.array(np.argsort(offsets, kind="stable"), pa.int64()))
+        expected = inp.example_ids.slice(start, len(offsets))
+        if table.num_rows != len(offsets) or not table.column("example_id").equals(pa.chunked_array([expected])):
+            raise ScoringError(f"scoring lost or mixed up rows in row group {group} of {inp.path}: "
+                               f"{table.num_rows} rows back for {len(offsets)} asked")
+        start += len(offsets)
+        yield table
+    if start != inp.num_rows:
+        raise ScoringError(f"scoring lost rows: {inp.num_rows - start} of {inp.num_rows} were never planned")
 
 
 def stream_into(dest: Path, sources: list[tuple[Path, Optional[Callable[[pa.Table], pa.Table]]]],
@@ -330,7 +345,7 @@ def stream_into(dest: Path, sources: list[tuple[Path, Optional[Callable[[pa.Tabl
     def write(tmp: str) -> None:
         with pq.ParquetWriter(tmp, schema) as writer:
             for path, keep in sources:
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+                for batch in iter_batches(path, batch_rows):
                     table = pa.Table.from_batches([batch])
                     table = keep(table) if keep is not None else table
                     if table.num_rows:
@@ -391,7 +406,11 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
     """
     ids = _ids(inputs)
     cache, shared = (Path(p) if p is not None else None for p in (cache, shared))
-    own, common = _ids_in(cache), _ids_in(shared)
+    own = _ids_in(cache)
+    if own is not None and own.equals(ids):  # the run's cache holds exactly these rows, in this order
+        del own
+        return pq.read_table(cache, columns=_with_id(columns))
+    common = _ids_in(shared)
     known = _either(own, common)
     todo = inputs if known is None else inputs.filter(pc.invert(pc.is_in(ids, value_set=known)))
     if cache is None and shared is None:
@@ -417,8 +436,11 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
         if shared is not None and fresh is not None:
             now = _ids_in(shared)  # re-read: another run may have added rows since
             stream_into(shared, ([(shared, None)] if now is not None else []) + [(fresh, _not_in(now))])
+        del own, common, known, todo  # the driver's largest call: hold no more ids than needed
         files = [cache] if cache is not None else [p for p in (shared, fresh) if p is not None and p.is_file()]
         held = pa.concat_tables([pq.read_table(f, columns=_with_id(columns)) for f in files], promote_options="default")
+    if held.column("example_id").equals(pa.chunked_array([ids])):
+        return held  # a cache made by this call alone: the fresh scores are in `inputs`' order already
     # One lookup places every asked-for row (rows the call did not ask for are left out; after a race on
     # the shared file a row may be there twice, and the first is taken).
     at = pc.index_in(ids, value_set=held.column("example_id"))

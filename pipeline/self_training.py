@@ -127,7 +127,7 @@ class RoundSelfTraining:
         """The teacher's label-word distribution on every unlabelled row (eval mode, label-free)."""
         scorer = self.run.scorer
         scorer.set_adapter(teacher_state)
-        scored = scorer.score(self.run.pool.scoring_input(self.run._unlabeled()), "eval",
+        scored = scorer.score(self.run.pool.scoring_input(rows=self.run._unlabeled()), "eval",
                               columns=["probs", "confidence", "prediction"])
         conf = scored.column("confidence")
         min_conf = self.cfg.self_training.min_confidence

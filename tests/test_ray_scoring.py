@@ -8,7 +8,7 @@ from actors.model import adapter_state
 from actors.scorer import Scorer
 from pipeline.data import load_pool
 from pipeline.io import read_parquet, write_parquet
-from pipeline.scoring import PoolScorer, ScoringError, base_uncertainty, check_exactly_once, length_sorted_blocks
+from pipeline.scoring import PoolScorer, ScoringError, base_uncertainty, length_sorted_blocks
 from pipeline.tasks import demo
 
 from conftest import scorer_kwargs, tiny_config, trained_like_adapter
@@ -147,9 +147,43 @@ def test_stream_into_unifies_the_parts_schemas(tmp_path):
                                {"example_id": "c", "prediction": "7", "pe": 0.3}]
 
 
-def test_check_exactly_once_reports_losses():
-    with pytest.raises(ScoringError, match="1 missing.*1 duplicated"):
-        check_exactly_once(["a", "b", "c"], pa.table({"example_id": ["a", "a", "b"]}))
+def _write_parts(ids, units, folder, row_group_rows, swap=None):
+    """Each unit's part as a scorer writes it (its rows in offset order; `ids` by position in the file),
+    its score the row's position; `swap` (a unit index) writes that unit's first two rows the wrong way round."""
+    import numpy as np
+
+    from pipeline.io import write_parquet
+
+    for u in units:
+        rows = [u.group * row_group_rows + int(o) for o in u.offsets]
+        if u.index == swap:
+            rows[:2] = rows[1::-1]
+        write_parquet(folder / f"part-{u.index:06d}.parquet",
+                      pa.table({"example_id": [ids[r] for r in rows], "score": np.array(rows, float)}))
+
+
+def test_the_scorers_parts_come_back_in_the_asked_order_and_losses_are_errors(tmp_path):
+    from pipeline.data import write_inputs
+    from pipeline.scoring import _in_input_order, plan_units
+
+    table = pa.table({"example_id": [f"r{i}" for i in range(41)], "prompt": ["x" * (i * 7 % 13 + 1) for i in range(41)]})
+    inp = write_inputs(table, tmp_path / "in", row_group_rows=16)  # 41 rows: row groups of 16, 16, 9
+    asked = inp.filter(pa.array([i % 3 != 1 for i in range(41)]))  # a subset, as the loop asks for
+    units = plan_units(asked, 4, 2)
+    assert any(list(u.offsets) != sorted(u.offsets) for u in units)  # scorers get rows longest first
+    out = tmp_path / "parts"
+    out.mkdir()
+    _write_parts(table.column("example_id").to_pylist(), units, out, 16)
+    back = pa.concat_tables(list(_in_input_order(asked, out, units)))
+    assert back.column("example_id").to_pylist() == asked.example_ids.to_pylist()
+    assert back.column("score").to_pylist() == [float(p) for p in asked.positions]
+    _write_parts(table.column("example_id").to_pylist(), units, out, 16, swap=units[0].index)  # a part whose rows are not the unit's
+    with pytest.raises(ScoringError, match="mixed up rows in row group"):
+        list(_in_input_order(asked, out, units))
+    _write_parts(table.column("example_id").to_pylist(), units, out, 16)
+    (out / f"part-{units[-1].index:06d}.parquet").unlink()  # a part that never came
+    with pytest.raises(ScoringError, match="a scorer's part is missing"):
+        list(_in_input_order(asked, out, units))
 
 
 def _micro_batches(units, bs):
