@@ -74,29 +74,32 @@ class Unit:
 
 
 def plan_units(inp: ScoringInput, batch_size: int, n_actors: int, steps: int = PROGRESS_STEPS) -> list[Unit]:
-    """Cut the rows of `inp` into micro-batches and the micro-batches into units, on ids and lengths alone.
+    """Cut the rows of `inp` into micro-batches and the micro-batches into units, on positions and lengths alone.
 
     Within each row group the rows are sorted by prompt length, longest first (ties in file order), and cut
     into micro-batches of `batch_size`: a row's batch-mates, and so its MC dropout masks, depend on the
     rows being scored, never on which actor scores them or how many there are. A unit is up to a row
     group's worth of consecutive micro-batches, fewer when the call is small, so every actor gets about
     `steps` units (progress, balance). Units come longest first: actors pull them as they free up, so the
-    short ones even out the finish.
+    short ones even out the finish. `inp`'s positions ascend, so each row group's rows are one slice of
+    them, planned on its own: the driver's transient arrays are a row group's, not the pool's.
     """
     n = inp.num_rows
     if n == 0:
         return []
-    group, offset = row_group_of(inp.positions, inp.row_group_rows)
-    order = np.lexsort((inp.positions, -inp.n_chars.astype(np.int64), group))
-    offset, group, lengths = offset[order], group[order], inp.n_chars[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(group)) + 1]
-    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
     micro = -(-n // batch_size)
     per_unit = int(min(max(1, -(-micro // (n_actors * steps))), max(1, inp.row_group_rows // batch_size)))
-    unit = rank // (batch_size * per_unit)
-    cuts = np.flatnonzero((np.diff(group) != 0) | (np.diff(unit) != 0)) + 1
-    units = [Unit(0, int(group[a]), offset[a:b], int(lengths[a]))
-             for a, b in zip(np.r_[0, cuts], np.r_[cuts, n])]
+    unit_rows = batch_size * per_unit
+    last_group = int(inp.positions[-1]) // inp.row_group_rows
+    bounds = np.searchsorted(inp.positions, np.arange(last_group + 2) * inp.row_group_rows)
+    units = []
+    for group in np.flatnonzero(np.diff(bounds)):
+        a, b = bounds[group], bounds[group + 1]
+        offsets = row_group_of(inp.positions[a:b], inp.row_group_rows)[1].astype(np.int32)
+        lengths = inp.n_chars[a:b]
+        order = np.lexsort((offsets, -lengths.astype(np.int64)))
+        offsets, lengths = offsets[order], lengths[order]
+        units += [Unit(0, int(group), offsets[i:i + unit_rows], int(lengths[i])) for i in range(0, b - a, unit_rows)]
     units.sort(key=lambda u: -u.longest)
     return [dataclasses.replace(u, index=i) for i, u in enumerate(units)]
 
