@@ -1,6 +1,6 @@
 """The driver's memory for a STAR round's scoring phase on a large pool, through the loop's own code
 (`ActiveLearningRun._scoring`), with no model: a stand-in scorer writes the score file a real scorer
-would (every column of a verbalizer task, rows in an order unlike the pool's).
+would (every column of a verbalizer task, in the asked order).
 
     python -m benchmarks.round_memory --rows 2000000
 
@@ -27,7 +27,8 @@ MEASURES = ("entropy", "bald", "least_confidence", "margin", "pe")
 
 class StandInScorer:
     """What the loop asks of a PoolScorer, without actors: `score_to_file` writes one row per asked row,
-    every column a verbalizer scorer writes, in reversed order (a real scorer's order is by length)."""
+    every column a verbalizer scorer writes, in the asked order, a pool row group (4,096 rows) at a time,
+    as `PoolScorer.score_to_file` does."""
 
     def set_adapter(self, state) -> int:
         return 1
@@ -43,8 +44,8 @@ class StandInScorer:
 
         def write(tmp: str) -> None:
             with pq.ParquetWriter(tmp, _schema()) as writer:
-                for end in range(len(ids), 0, -65_536):
-                    part = ids.slice(max(0, end - 65_536), end - max(0, end - 65_536))
+                for start in range(0, len(ids), inputs.row_group_rows):
+                    part = ids.slice(start, inputs.row_group_rows)
                     n = len(part)
                     p = rng.random(n)
                     writer.write_table(pa.table({

@@ -50,7 +50,10 @@ def skip_unused_shm_op() -> None:
     (torch.utils.file_baton). DeepSpeed keeps its op table as one module-level dict so that edits to it
     persist (deepspeed/ops/__init__.py), and `build_shm_op` skips an op marked incompatible there.
     """
-    if os.environ.get("LOCAL_SIZE"):
+    from deepspeed.accelerator import get_accelerator
+
+    # Only the CPU accelerator has the op; elsewhere reading the op table would only probe every op.
+    if os.environ.get("LOCAL_SIZE") or get_accelerator().device_name() != "cpu":
         return
     import deepspeed.ops
 

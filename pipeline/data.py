@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import iter_batches
+from pipeline.io import iter_batches, read_columns
 from pipeline.tasks import BadRow, Task
 
 POOL_SCHEMA = pa.schema(
@@ -79,7 +79,7 @@ class Pool:
             if any(n != self.row_group_rows for n in sizes[:-1]):
                 raise DataError(f"{path}: row groups of {sorted(set(sizes))} rows, expected {self.row_group_rows}; "
                                 f"delete {self.dir} to rebuild it")
-        index = pq.read_table(self.inputs_path, columns=["example_id", "n_chars"])
+        index = read_columns(self.inputs_path, ["example_id", "n_chars"])
         self.ids = index.column("example_id").combine_chunks()
         self.n_chars = index.column("n_chars").to_numpy()
 
@@ -206,7 +206,7 @@ def write_inputs(table: pa.Table, directory: str | Path, row_group_rows: int = R
     pool's (benchmarks, tests, `PoolScorer.score` given a table)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    table = table.select(SCORER_COLUMNS)
+    table = table.select(SCORER_COLUMNS).cast(pa.schema([("example_id", pa.string()), ("prompt", pa.string())]))
     inputs = table.append_column("n_chars", pc.utf8_length(table.column("prompt")).cast(pa.int32()))
     pq.write_table(inputs, directory / "inputs.parquet", row_group_size=row_group_rows)
     n = table.num_rows
@@ -476,7 +476,7 @@ def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], lim
         writers.close()
     if not lines:
         return bad, 0
-    ids = pq.read_table(out / "inputs.parquet", columns=["example_id"]).column("example_id")
+    ids = read_columns(out / "inputs.parquet", ["example_id"]).column("example_id")
     good = len(lines)
     if pc.count_distinct(ids).as_py() < len(ids):
         lines_np = np.frombuffer(lines, dtype=np.int64)

@@ -47,11 +47,18 @@ def read_parquet(path: str | os.PathLike) -> pa.Table:
     return pq.read_table(path)
 
 
-def iter_batches(path: str | os.PathLike, batch_size: int, columns: list[str] | None = None):
-    """The record batches of a Parquet file, `batch_size` rows at a time, holding about one row group.
+# The driver reads and streams large Parquet files (a pool's ids, score files) with pyarrow's pre-buffering
+# off. With it, pyarrow 26 reads the row groups' column chunks ahead: streaming a 2M-row base score file
+# (every verbalizer column) a batch at a time took ~193 MB of Arrow memory at its peak, ~33 MB without;
+# reading two of its columns whole grew the RSS by ~207 MB, ~159 MB without (measured on the file
+# benchmarks.round_memory's stand-in scorer writes).
 
-    pre_buffer=False: with pre-buffering, pyarrow 26 read the row groups' column chunks ahead while
-    iterating. Streaming a 2M-row base score file (every verbalizer column) a batch at a time took ~193 MB
-    of Arrow memory at its peak that way, and ~33 MB without it (measured on the file round_memory's
-    stand-in scorer writes)."""
+
+def iter_batches(path: str | os.PathLike, batch_size: int, columns: list[str] | None = None):
+    """The record batches of a Parquet file, `batch_size` rows at a time, holding about one row group."""
     return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def read_columns(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Columns of a (large) Parquet file, whole."""
+    return pq.read_table(path, columns=columns, pre_buffer=False)

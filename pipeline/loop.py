@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pipeline.config import Config, ConfigError, resume_config, resume_hint
 from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
-from pipeline.io import atomic, iter_batches, read_parquet, write_json, write_parquet
+from pipeline.io import atomic, iter_batches, read_columns, read_parquet, write_json, write_parquet
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
@@ -413,7 +413,7 @@ class LoraScores:
 
     def floats(self, column: str) -> np.ndarray:
         """One column, in the asked rows' order."""
-        return _floats(pq.read_table(self.path, columns=[column]), column)
+        return _floats(read_columns(self.path, [column]), column)
 
     def write_scores(self, dest: Path, measure: str, measures: list[str], u_base: Optional[np.ndarray],
                      score: np.ndarray) -> None:

@@ -1,9 +1,10 @@
 """Driver side of pool scoring: long-lived scoring actors, work by reference, exactly-once results.
 
-The driver never holds the prompts. It plans units of work from example_ids and prompt lengths alone
+The driver never holds the prompts. It plans units of work from row positions and prompt lengths alone
 (`plan_units`: row group, row offsets), the scorers read those rows of the pool's label-free inputs file
-themselves, score them and write their scores as Parquet, and the driver reads back the score columns.
-So the driver's memory and CPU per call grow with the ids, not with the text (benchmarks.pool_scale).
+themselves, score them and write their scores as Parquet, and the driver reads the score columns back in
+the order it asked for them. So the driver's memory and CPU per call grow with the rows, not with the text
+(benchmarks.pool_scale, benchmarks.round_memory).
 
 Ray is imported inside the functions so that the rest of `pipeline` stays importable and testable
 without it.
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
 from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, pools_dir, row_group_of, write_inputs
-from pipeline.io import atomic, iter_batches
+from pipeline.io import atomic, iter_batches, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -327,11 +328,14 @@ def _in_input_order(inp: ScoringInput, out: Path, units: list[Unit], columns: Op
             raise ScoringError(f"scoring lost rows: a scorer's part is missing ({', '.join(missing)})")
         table = pa.concat_tables([pq.read_table(f, columns=_with_id(columns)) for f in files], promote_options="default")
         offsets = np.concatenate([u.offsets for u in parts])
+        if table.num_rows != len(offsets):
+            raise ScoringError(f"scoring lost or duplicated rows in row group {group} of {inp.path}: "
+                               f"{table.num_rows} rows back for {len(offsets)} asked")
         table = table.take(pa.array(np.argsort(offsets, kind="stable"), pa.int64()))
         expected = inp.example_ids.slice(start, len(offsets))
-        if table.num_rows != len(offsets) or not table.column("example_id").equals(pa.chunked_array([expected])):
-            raise ScoringError(f"scoring lost or mixed up rows in row group {group} of {inp.path}: "
-                               f"{table.num_rows} rows back for {len(offsets)} asked")
+        if not table.column("example_id").equals(pa.chunked_array([expected])):
+            raise ScoringError(f"scoring mixed up rows in row group {group} of {inp.path}: a part's rows are "
+                               f"not the ones its unit asked for")
         start += len(offsets)
         yield table
     if start != inp.num_rows:
@@ -367,7 +371,7 @@ def _ids_in(path: Optional[Path]) -> Optional[pa.Array]:
     """The example_id column of a score file (nothing else is read), or None if there is no file."""
     if path is None or not Path(path).is_file():
         return None
-    return pq.read_table(path, columns=["example_id"]).column("example_id").combine_chunks()
+    return read_columns(path, ["example_id"]).column("example_id").combine_chunks()
 
 
 def _with_id(columns: Optional[list[str]]) -> Optional[list[str]]:
@@ -412,7 +416,7 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
     own = _ids_in(cache)
     if own is not None and own.equals(ids):  # the run's cache holds exactly these rows, in this order
         del own
-        return pq.read_table(cache, columns=_with_id(columns))
+        return read_columns(cache, _with_id(columns))
     common = _ids_in(shared)
     known = _either(own, common)
     todo = inputs if known is None else inputs.filter(pc.invert(pc.is_in(ids, value_set=known)))
@@ -441,7 +445,7 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
             stream_into(shared, ([(shared, None)] if now is not None else []) + [(fresh, _not_in(now))])
         del own, common, known, todo  # the driver's largest call: hold no more ids than needed
         files = [cache] if cache is not None else [p for p in (shared, fresh) if p is not None and p.is_file()]
-        held = pa.concat_tables([pq.read_table(f, columns=_with_id(columns)) for f in files], promote_options="default")
+        held = pa.concat_tables([read_columns(f, _with_id(columns)) for f in files], promote_options="default")
     if held.column("example_id").equals(pa.chunked_array([ids])):
         return held  # a cache made by this call alone: the fresh scores are in `inputs`' order already
     # One lookup places every asked-for row (rows the call did not ask for are left out; after a race on

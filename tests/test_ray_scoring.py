@@ -181,6 +181,11 @@ def test_the_scorers_parts_come_back_in_the_asked_order_and_losses_are_errors(tm
     with pytest.raises(ScoringError, match="mixed up rows in row group"):
         list(_in_input_order(asked, out, units))
     _write_parts(table.column("example_id").to_pylist(), units, out, 16)
+    part = out / f"part-{units[0].index:06d}.parquet"
+    write_parquet(part, read_parquet(part).slice(1))  # a part one row short
+    with pytest.raises(ScoringError, match="lost or duplicated rows in row group"):
+        list(_in_input_order(asked, out, units))
+    _write_parts(table.column("example_id").to_pylist(), units, out, 16)
     (out / f"part-{units[-1].index:06d}.parquet").unlink()  # a part that never came
     with pytest.raises(ScoringError, match="a scorer's part is missing"):
         list(_in_input_order(asked, out, units))
