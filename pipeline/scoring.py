@@ -106,8 +106,16 @@ def plan_units(inp: ScoringInput, batch_size: int, n_actors: int, steps: int = P
 
 
 def in_order(table: pa.Table, example_ids) -> pa.Table:
-    """Reorder `table` to follow `example_ids` (a list or an Arrow array; each must be in `table`)."""
-    at = pc.index_in(as_id_array(example_ids), value_set=table.column("example_id"))
+    """The rows of `table` for `example_ids` (a list or an Arrow array), in that order: `table` itself when
+    it already is, else one lookup (rows not asked for are left out; an id there twice gives its first
+    row). An asked id that `table` lacks is a ScoringError."""
+    ids = as_id_array(example_ids)
+    if table.column("example_id").equals(pa.chunked_array([ids])):
+        return table
+    at = pc.index_in(ids, value_set=table.column("example_id"))
+    if at.null_count:
+        missing = pc.filter(ids, pc.is_null(at))
+        raise ScoringError(f"scoring lost rows: {len(missing)} missing (e.g. {sorted(missing.to_pylist())[:3]})")
     return table.take(at)
 
 
@@ -446,12 +454,6 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
         del own, common, known, todo  # the driver's largest call: hold no more ids than needed
         files = [cache] if cache is not None else [p for p in (shared, fresh) if p is not None and p.is_file()]
         held = pa.concat_tables([read_columns(f, _with_id(columns)) for f in files], promote_options="default")
-    if held.column("example_id").equals(pa.chunked_array([ids])):
-        return held  # a cache made by this call alone: the fresh scores are in `inputs`' order already
-    # One lookup places every asked-for row (rows the call did not ask for are left out; after a race on
-    # the shared file a row may be there twice, and the first is taken).
-    at = pc.index_in(ids, value_set=held.column("example_id"))
-    if at.null_count:
-        missing = pc.filter(ids, pc.is_null(at))
-        raise ScoringError(f"scoring lost rows: {len(missing)} missing (e.g. {sorted(missing.to_pylist())[:3]})")
-    return held.take(at)
+    # A cache made by this call alone is in `inputs`' order already; otherwise one lookup places the rows
+    # (after a race on the shared file a row may be there twice, and the first is taken).
+    return in_order(held, ids)
