@@ -262,8 +262,6 @@ class LoraRecipe:
         return engine
 
     def train(self) -> dict:
-        import ray.train
-
         t0 = time.perf_counter()
         model = self._setup_model()
         data = self._setup_data()

@@ -75,7 +75,8 @@ def main(argv=None) -> dict:
     from pipeline.scoring import PoolScorer, base_uncertainty
     from pipeline.strategies import MEASURE_COLUMNS
     from pipeline.uncertainty import dynamic_score
-    from pipeline.strategies import select
+    from pipeline.strategies import top_positions
+    from pipeline.io import read_floats, take_rows
     from pipeline.tasks import demo
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="deft-pool-scale-"))
@@ -115,19 +116,22 @@ def main(argv=None) -> dict:
         labeled = pool.ids.slice(0, args.labeled)
 
         def lora_round():
-            """What a STAR round of the loop does: every lora column to a file, one back, the mix, the top b,
-            scores.parquet streamed from the file, then the prompts and labels of the picked rows."""
+            """What a STAR round of the loop does: every lora column to a file, one back, the mix,
+            scores.parquet streamed from the file, the top b from its score column, then the prompts and
+            labels of the picked rows."""
             rows = pool.rows_without(labeled)
-            unlabeled = pool.ids.take(pa.array(rows, pa.int64()))
             u_base = base.column("entropy").to_numpy()[rows]
             lora = LoraScores(scorer.score_to_file(pool.scoring_input(rows=rows), "lora", work / "lora.parquet",
                                                    progress=False))
             u_lora = lora.floats("entropy")
             score = dynamic_score(torch.from_numpy(u_lora), torch.from_numpy(u_base), 0.5).numpy()
-            picked = select(unlabeled, score, args.select, np.random.default_rng(0))
             lora.write_scores(work / "scores.parquet", "entropy", sorted(set(MEASURE_COLUMNS["verbalizer"].values())),
                               u_base, score)
-            return len(unlabeled), pool.rows(picked, ["prompt", "label"])
+            del u_base, u_lora, score
+            score = read_floats(work / "scores.parquet", "score")
+            top = top_positions(score, args.select, np.random.default_rng(0))
+            picked = take_rows(work / "scores.parquet", top, ["example_id"]).column("example_id")
+            return len(rows), pool.rows(picked, ["prompt", "label"])
 
         (n, picked), wall, cpu = timed(lora_round)
         calls.append({"call": "lora", "rows": n, "wall_s": wall, "driver_cpu_s": cpu})

@@ -1,18 +1,25 @@
-"""The driver's memory for a STAR round's scoring phase on a large pool, through the loop's own code
-(`ActiveLearningRun._scoring`), with no model: a stand-in scorer writes the score file a real scorer
-would (every column of a verbalizer task, in the asked order).
+"""The driver's memory on a large pool through the loop's own code (`ActiveLearningRun`), with no model: a
+stand-in scorer writes the score file a real scorer would (every column of a verbalizer task, in the asked
+order).
 
     python -m benchmarks.round_memory --rows 2000000
+    python -m benchmarks.round_memory --rows 10000000     # the issue's 10M rows, measured, ~6 min
 
-A JSONL pool of --rows distinct questions is written and loaded once into the Parquet pool cache. Then
-round 0 (u_base over the whole pool, written to the run's base cache) and round 1 (u_base read back from
-that cache, u_lora over the unlabelled rows, the mix, scores.parquet) each run in a fresh process that
-opens the pool as a run does, so each phase's peak is its own. Each process reports its peak RSS growth
-over the opened pool. The last line printed is one JSON object.
+A JSONL pool of --rows distinct questions is written. Then, each in a fresh process so that each peak is
+its own:
+  load     the pool validated into the Parquet pool cache (as the first run on a source does), then opened
+  round 0  u_base over the whole pool (to the run's base cache), the cold-start pick, the simulated oracle
+  round 1  u_base read back from the cache, u_lora over the unlabelled rows, the STAR mix, scores.parquet,
+           the top b, the simulated oracle
+Each process reports its peak RSS growth over its start (load) or over the opened pool (rounds), and its
+peak RSS in absolute terms: that one includes the interpreter and its imports (torch, pyarrow), but not
+a Ray core worker (benchmarks.pool_scale has the whole driver, Ray included). The last line printed is one
+JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -89,13 +96,30 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
+def load_phase(work: Path) -> dict:
+    """The pool validated from JSONL into the pool cache, then opened as a run opens it."""
+    importlib.import_module("pipeline.loop")  # a run's imports, torch among them, before the mark
+    from pipeline.data import pool_from_config
+    from pipeline.preflight import DATA_SEED
+    from pipeline.tasks import demo
+
+    reset_peak()
+    before = status_mb("VmRSS")
+    t0 = time.perf_counter()
+    pool = pool_from_config(config(work).data, demo(), DATA_SEED, require_label=True)
+    return {"phase": "load", "rows": len(pool), "seconds": round(time.perf_counter() - t0, 1),
+            "rss_before_mb": round(before, 1), "peak_growth_mb": round(status_mb("VmHWM") - before, 1),
+            "peak_rss_mb": round(status_mb("VmHWM"), 1)}
+
+
 def phase(work: Path, k: int) -> dict:
-    """Round k's scoring phase in this process. Its peak is the process's high-water RSS over the phase (the
-    mark is reset once the pool is open) less its RSS just before it."""
+    """Round k's scoring, selecting and labelling phases in this process. Its peak is the process's
+    high-water RSS over the phases (the mark is reset once the pool is open) less its RSS just before."""
     import pyarrow as pa
 
     from pipeline.io import write_parquet
     from pipeline.loop import ActiveLearningRun
+    from pipeline.run_dir import LABELED_SCHEMA
 
     run = ActiveLearningRun(config(work), work / "run", scorer=StandInScorer(), say_logs=False)
     run.run_dir.path.mkdir(parents=True, exist_ok=True)
@@ -103,50 +127,57 @@ def phase(work: Path, k: int) -> dict:
     if k == 1:  # round 0's picks are labelled
         ids = run.pool.ids.slice(0, run.cfg.al.initial_size)
         write_parquet(run.run_dir.labeled_file, pa.table({
-            "example_id": ids, "label": pa.array(["true"] * len(ids)), "round_added": pa.array([0] * len(ids), pa.int64()),
-            "source": pa.array(["oracle"] * len(ids))}))
+            "example_id": ids, "label": pa.array(["true"] * len(ids)), "round_added": pa.array([0] * len(ids), pa.int32()),
+            "source": pa.array(["oracle"] * len(ids))}, schema=LABELED_SCHEMA))
     len(run.pool)  # opened as a run opens it: ids and prompt lengths
     reset_peak()
     before = status_mb("VmRSS")
-    t0 = time.perf_counter()
-    run._scoring(k)
-    peak = status_mb("VmHWM")
-    return {"round": k, "rows": len(run.pool), "seconds": round(time.perf_counter() - t0, 1),
-            "rss_before_mb": round(before, 1), "peak_growth_mb": round(peak - before, 1)}
+    t0, peaks = time.perf_counter(), {}
+    for name in ("scoring", "selecting", "labeling"):
+        getattr(run, f"_{name}")(k)
+        peaks[name] = round(status_mb("VmHWM") - before, 1)  # the high-water mark so far
+    labelled = run.run_dir.read_labeled().num_rows
+    expected = run.cfg.al.initial_size + (run.cfg.al.batch_size if k == 1 else 0)
+    if labelled != expected:
+        raise AssertionError(f"round {k} labelled {labelled} rows in all, expected {expected}")
+    return {"phase": f"round {k}", "round": k, "rows": len(run.pool), "seconds": round(time.perf_counter() - t0, 1),
+            "rss_before_mb": round(before, 1), "peak_growth_mb": round(status_mb("VmHWM") - before, 1),
+            "peak_growth_by_phase_mb": peaks, "peak_rss_mb": round(status_mb("VmHWM"), 1)}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=2_000_000)
-    p.add_argument("--phase", type=int, choices=[0, 1], help=argparse.SUPPRESS)  # the child process's side
+    p.add_argument("--phase", choices=["load", "0", "1"], help=argparse.SUPPRESS)  # the child process's side
     p.add_argument("--dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.phase is not None:
-        print(json.dumps(phase(Path(args.dir), args.phase)))
+        out = load_phase(Path(args.dir)) if args.phase == "load" else phase(Path(args.dir), int(args.phase))
+        print(json.dumps(out))
         return {}
     from benchmarks.device import cpu_name
     from benchmarks.pool_scale import write_pool
-    from pipeline.data import pool_from_config
-    from pipeline.preflight import DATA_SEED
-    from pipeline.tasks import demo
 
     with tempfile.TemporaryDirectory(prefix="deft-round-memory-") as tmp:
         work = Path(tmp)
-        write_pool(work / "pool.jsonl", args.rows)
         t0 = time.perf_counter()
-        pool_from_config(config(work).data, demo(), DATA_SEED, require_label=True)  # as the run opens it
-        print(f"pool of {args.rows:,} rows written and loaded in {time.perf_counter() - t0:.0f} s", flush=True)
-        rounds = []
-        for k in (0, 1):
-            out = subprocess.run([sys.executable, "-m", "benchmarks.round_memory", "--phase", str(k), "--dir", tmp],
-                                 check=True, capture_output=True, text=True).stdout
-            rounds.append(json.loads(out.strip().splitlines()[-1]))
-            print(json.dumps(rounds[-1]), flush=True)
+        write_pool(work / "pool.jsonl", args.rows)
+        print(f"pool of {args.rows:,} rows written in {time.perf_counter() - t0:.0f} s", flush=True)
+        phases = []
+        for name in ("load", "0", "1"):
+            out = subprocess.run([sys.executable, "-m", "benchmarks.round_memory", "--phase", name, "--dir", tmp],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
+            phases.append(json.loads(out.strip().splitlines()[-1]))
+            print(json.dumps(phases[-1]), flush=True)
+    load, rounds = phases[0], phases[1:]
+    growth = max(r["peak_growth_mb"] for r in rounds)
     result = {"benchmark": "round_memory", "rows": args.rows,
-              "peak_growth_mb": max(r["peak_growth_mb"] for r in rounds),
-              "peak_growth_bytes_per_row": round(max(r["peak_growth_mb"] for r in rounds) * 2**20 / args.rows, 1),
+              "peak_growth_mb": growth,
+              "peak_growth_bytes_per_row": round(growth * 2**20 / args.rows, 1),
+              "load_peak_growth_bytes_per_row": round(load["peak_growth_mb"] * 2**20 / args.rows, 1),
+              "peak_rss_mb": max(r["peak_rss_mb"] for r in phases),
               "cpu": cpu_name(),
-              "rounds": rounds}
+              "load": load, "rounds": rounds}
     print(json.dumps(result))
     return result
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import iter_batches, read_columns
+from pipeline.io import iter_batches
 from pipeline.tasks import BadRow, Task
 
 POOL_SCHEMA = pa.schema(
@@ -79,9 +79,7 @@ class Pool:
             if any(n != self.row_group_rows for n in sizes[:-1]):
                 raise DataError(f"{path}: row groups of {sorted(set(sizes))} rows, expected {self.row_group_rows}; "
                                 f"delete {self.dir} to rebuild it")
-        index = read_columns(self.inputs_path, ["example_id", "n_chars"])
-        self.ids = index.column("example_id").combine_chunks()
-        self.n_chars = index.column("n_chars").to_numpy()
+        self.ids, self.n_chars = _read_index(self.inputs_path)
 
     @property
     def inputs_path(self) -> Path:
@@ -102,11 +100,16 @@ class Pool:
         """Row positions of `example_ids` (a list or an Arrow array) in the pool. An id the pool lacks is a
         KeyError that names it."""
         ids = as_id_array(example_ids)
-        at = pc.index_in(ids, value_set=self.ids)
+        if len(ids) == len(self) and ids.equals(self.ids):
+            return np.arange(len(self))
+        # One pass over the pool's ids against a hash of the (usually few) asked ones, then a lookup among the
+        # rows found: a hash of every pool id (index_in's value_set) would be ~90 bytes a row at 10M rows.
+        found = np.flatnonzero(pc.is_in(self.ids, value_set=ids).to_numpy(zero_copy_only=False))
+        at = pc.index_in(ids, value_set=self.ids.take(pa.array(found, pa.int64())))
         if at.null_count:
             missing = pc.filter(ids, pc.is_null(at)).to_pylist()
             raise KeyError(f"{len(missing)} example id(s) are not in the pool {self.source} (e.g. {missing[:3]})")
-        return at.to_numpy(zero_copy_only=False).astype(np.int64)
+        return found[at.to_numpy(zero_copy_only=False)]
 
     def rows(self, example_ids, columns: list[str]) -> pa.Table:
         """The pool's `columns` for `example_ids`, in that order: only the row groups that hold them are read."""
@@ -140,7 +143,7 @@ class Pool:
         at = np.sort(self.positions(example_ids)) if rows is None and example_ids is not None else rows
         if at is None or len(at) == len(self):
             return ScoringInput(str(self.inputs_path), self.row_group_rows, np.arange(len(self)), self.n_chars, self.ids)
-        return ScoringInput(str(self.inputs_path), self.row_group_rows, at, self.n_chars[at], self.ids_at(at))
+        return ScoringInput(str(self.inputs_path), self.row_group_rows, at, self.n_chars[at], self.ids)
 
     def ids_at(self, rows: np.ndarray) -> pa.Array:
         """The example_ids at positions `rows` (ascending, distinct): the pool's own array when that is all of them."""
@@ -157,22 +160,49 @@ class Pool:
 @dataclass(frozen=True)
 class ScoringInput:
     """Rows for the scorers, by reference: the label-free inputs file, the rows' positions in it (ascending),
-    their prompt lengths in characters, and their example_ids. The scorers read the prompts themselves."""
+    their prompt lengths in characters, and the file's whole example_id column (`file_ids`, shared with
+    the pool: the rows' own ids are taken from it only where asked for). The scorers read the prompts
+    themselves."""
     path: str
     row_group_rows: int
     positions: np.ndarray
     n_chars: np.ndarray
-    example_ids: pa.Array
+    file_ids: pa.Array
 
     @property
     def num_rows(self) -> int:
         return len(self.positions)
 
+    @property
+    def example_ids(self) -> pa.Array:
+        """The rows' example_ids, in their order (the file's own array when the rows are all of it)."""
+        return self.ids_slice(0, self.num_rows)
+
+    def ids_slice(self, start: int, length: int) -> pa.Array:
+        """The example_ids of rows start .. start + length: a row group's at a time costs no pool-sized copy."""
+        if self.num_rows == len(self.file_ids):
+            return self.file_ids.slice(start, length)
+        return self.file_ids.take(pa.array(self.positions[start:start + length], pa.int64()))
+
     def filter(self, mask: pa.Array) -> "ScoringInput":
         """The rows where the boolean `mask` is true."""
         keep = mask.to_numpy(zero_copy_only=False)
-        return dataclasses.replace(self, positions=self.positions[keep], n_chars=self.n_chars[keep],
-                                   example_ids=self.example_ids.filter(mask))
+        return dataclasses.replace(self, positions=self.positions[keep], n_chars=self.n_chars[keep])
+
+
+def _read_index(path: Path) -> tuple[pa.Array, np.ndarray]:
+    """A pool file's example_id column (one Arrow array) and prompt lengths, read as one record batch: a
+    table of row-group chunks combined afterwards would hold the ids twice (at 2M rows the open pool's RSS
+    grew ~61 bytes a row that way, ~43 this way, for 24 bytes of data)."""
+    f = pq.ParquetFile(path, pre_buffer=False)
+    batches = list(f.iter_batches(batch_size=max(1, f.metadata.num_rows), columns=["example_id", "n_chars"],
+                                  use_threads=False))
+    if not batches:
+        return pa.array([], pa.string()), np.empty(0, np.int32)
+    if len(batches) == 1:
+        return batches[0].column(0), batches[0].column(1).to_numpy()
+    table = pa.Table.from_batches(batches)  # a reader that split the file: combined, as before
+    return table.column(0).combine_chunks(), table.column(1).to_numpy()
 
 
 def as_id_array(example_ids) -> pa.Array:
@@ -440,13 +470,16 @@ def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], lim
     """Validate the source row by row into out/inputs.parquet and out/labels.parquet (whole row groups of
     ROW_GROUP_ROWS); returns the bad rows and the number of good ones.
 
-    Memory stays flat whatever the source's size: rows are held a row group at a time, and duplicate ids
-    are found at the end from the written id column, so the driver never builds a set of every id (at 10M
-    rows that set alone would take about 1 GB). With `limit` the ids are checked as they come (a set of at
-    most `limit`), so that duplicates do not count toward the first `limit` good rows."""
+    Memory stays small whatever the source's size: rows are held a row group at a time, and duplicate ids
+    are found at the end from a 64-bit hash of each id (`_repeated_rows`: 8 bytes a row, sorted), so the
+    driver never builds a set or hash table of every id (at 10M rows a Python set would take about 1 GB,
+    and Arrow's `count_distinct` over the id column ~90 bytes a row). With `limit` the ids are checked as
+    they come (a set of at most `limit`), so that duplicates do not count toward the first `limit` good
+    rows."""
     bad: list[BadRowRecord] = []
     pending: list[dict] = []
     lines = array("q")  # the source line of each good row: 8 bytes a row, for naming duplicates
+    hashes = array("Q")  # a 64-bit hash of each good row's id: 8 bytes a row, for finding them
     seen: Optional[dict[str, int]] = {} if limit is not None else None
     writers = _PoolWriters(out)
     try:
@@ -465,6 +498,7 @@ def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], lim
                 seen[example_id] = line
             pending.append({"example_id": example_id, **ex})
             lines.append(line)
+            hashes.append(_id_hash(example_id))
             if len(pending) == ROW_GROUP_ROWS:
                 writers.write(pending)
                 pending = []
@@ -476,11 +510,13 @@ def _write_pool(out: Path, source: str, task: Task, id_field: Optional[str], lim
         writers.close()
     if not lines:
         return bad, 0
-    ids = read_columns(out / "inputs.parquet", ["example_id"]).column("example_id")
     good = len(lines)
-    if pc.count_distinct(ids).as_py() < len(ids):
+    suspects = _repeated_rows(np.frombuffer(hashes, dtype=np.uint64))
+    del hashes
+    if len(suspects):
         lines_np = np.frombuffer(lines, dtype=np.int64)
-        dupes = _duplicates(ids, lines_np)
+        ids = _read_rows(out / "inputs.parquet", suspects, ROW_GROUP_ROWS, ["example_id"]).column("example_id")
+        dupes = _duplicates(ids, lines_np[suspects])  # exact: rows whose ids only share a hash are not duplicates
         for line, example_id, first in dupes:
             bad.append(BadRowRecord(source, line, id_field or "<row>", f"duplicate example_id {example_id!r} (first seen at line {first})"))
         if drop_duplicates:
@@ -505,6 +541,20 @@ class _PoolWriters:
     def close(self) -> None:
         self.inputs.close()
         self.labels.close()
+
+
+def _id_hash(example_id: str) -> int:
+    """A 64-bit hash of an id, the same in every process (Python's `hash` of a str is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "little")
+
+
+def _repeated_rows(hashes: np.ndarray) -> np.ndarray:
+    """Positions (ascending) of the rows whose hash another row shares: every duplicate id is among them,
+    and, rarely, ids that only share a hash. Sorting a copy of the hashes costs 8 bytes a row, for a moment."""
+    ordered = np.sort(hashes)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    return np.flatnonzero(np.isin(hashes, repeated)) if len(repeated) else np.empty(0, np.int64)
 
 
 def _duplicates(ids: pa.ChunkedArray, lines: np.ndarray) -> list[tuple[int, str, int]]:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -62,3 +63,47 @@ def iter_batches(path: str | os.PathLike, batch_size: int, columns: list[str] | 
 def read_columns(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Columns of a (large) Parquet file, whole."""
     return pq.read_table(path, columns=columns, pre_buffer=False)
+
+
+BATCH_ROWS = 65_536  # rows a streamed read holds at once
+
+
+def read_floats(path: str | os.PathLike, column: str) -> np.ndarray:
+    """One numeric column of a (large) Parquet file as a float64 numpy array (nulls as NaN), filled a batch
+    at a time: the driver holds 8 bytes a row and one batch, not an Arrow copy beside the numpy one."""
+    out = np.empty(pq.ParquetFile(path).metadata.num_rows, dtype=np.float64)
+    start = 0
+    for batch in iter_batches(path, BATCH_ROWS, [column]):
+        values = batch.column(0).cast(pa.float64()).to_numpy(zero_copy_only=False)
+        out[start:start + len(values)] = values
+        start += len(values)
+    return out
+
+
+def take_rows(path: str | os.PathLike, rows, columns: list[str]) -> pa.Table:
+    """`columns` of the rows at positions `rows` (any order) of a (large) Parquet file, in that order,
+    streamed a batch at a time: only the wanted rows are kept."""
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows, kind="stable")
+    wanted, parts, start = rows[order], [], 0
+    for batch in iter_batches(path, BATCH_ROWS, columns):
+        lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+        if hi > lo:
+            parts.append(pa.Table.from_batches([batch]).take(pa.array(wanted[lo:hi] - start, pa.int64())))
+        start += batch.num_rows
+    if len(wanted) and (wanted[0] < 0 or wanted[-1] >= start):
+        raise IndexError(f"{path} has {start} rows; asked for row {int(wanted[0] if wanted[0] < 0 else wanted[-1])}")
+    schema = pq.read_schema(path)
+    table = pa.concat_tables(parts) if parts else schema.empty_table().select(columns)
+    return table.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
+
+
+def rows_with_ids(path: str | os.PathLike, example_ids, columns: list[str]) -> pa.Table:
+    """`columns` (example_id among them) of the rows of a (large) Parquet file whose example_id is one of
+    `example_ids` (few), in the file's order, streamed a batch at a time."""
+    import pyarrow.compute as pc
+
+    value_set = pa.array(list(example_ids), pa.string()) if not isinstance(example_ids, pa.Array) else example_ids
+    parts = [t.filter(pc.is_in(t.column("example_id"), value_set=value_set))
+             for t in (pa.Table.from_batches([b]) for b in iter_batches(path, BATCH_ROWS, columns))]
+    return pa.concat_tables(parts) if parts else pq.read_schema(path).empty_table().select(columns)

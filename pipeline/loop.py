@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 from pipeline.config import Config, ConfigError, resume_config, resume_hint
 from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
-from pipeline.io import atomic, iter_batches, read_columns, read_parquet, write_json, write_parquet
+from pipeline.io import atomic, iter_batches, read_floats, read_parquet, take_rows, write_json, write_parquet
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
-from pipeline.scoring import base_uncertainty, in_order
-from pipeline.strategies import MEASURE_COLUMNS, RoundScores, get_strategy, measure_column, select
+from pipeline.scoring import base_uncertainty
+from pipeline.strategies import MEASURE_COLUMNS, RoundScores, get_strategy, measure_column, top_positions
 from pipeline.tasks import get_task
 from pipeline.uncertainty import LambdaSchedule
 
@@ -190,10 +190,12 @@ class ActiveLearningRun:
             base = base_uncertainty(self.scorer, self.pool.scoring_input(rows=None if whole else rows),
                                     self.run_dir.base_uncertainty_file, self.base_cache,
                                     columns=[self.base_measure, *(["prediction", "confidence"] if shown else [])])
-            base = base.drop_columns(["example_id"])  # in the asked order: positions place the rows from here
-            if base.num_rows != n:  # the whole pool's, in pool order: keep the rows' own, in their order
-                base = base.take(pa.array(rows, pa.int64()))
-            u_base = _floats(base, self.base_measure)
+            # in the asked order: positions place the rows from here; the whole pool's (in pool order) are
+            # cut to the rows' own
+            whole_pool = base.num_rows != n
+            u_base = _floats(base, self.base_measure, rows if whole_pool else None)
+            base = (base.drop_columns(["example_id"]).take(pa.array(rows, pa.int64())) if whole_pool
+                    else base.drop_columns(["example_id"])) if shown else None  # only shown columns are kept
         if k == 0:  # cold start: no adapter has been trained yet
             score = u_base if cold_by_base else self._rng(k, "cold").random(n)
         else:
@@ -222,14 +224,17 @@ class ActiveLearningRun:
 
     def _selecting(self, k: int) -> None:
         (self.run_dir.round_dir(k) / LORA_SCRATCH).unlink(missing_ok=True)  # a kill after scores.parquet leaves it
-        scores = read_parquet(self.run_dir.scores_file(k))
         b = self.cfg.al.initial_size if k == 0 else self.cfg.al.batch_size
         if self.cfg.al.budget is not None:
             b = min(b, self.cfg.al.budget - self.run_dir.read_labeled().num_rows)
-        ids = select(scores.column("example_id"), scores.column("score").to_numpy(), b, self._rng(k, "ties"))
+        # The score column alone, then the ids of the b picked rows: at 10M rows the whole file is ~1 GB.
+        path = self.run_dir.scores_file(k)
+        score = read_floats(path, "score")
+        top = top_positions(score, b, self._rng(k, "ties"))
         write_parquet(self.run_dir.selected_file(k), pa.table({
-            "example_id": pa.array(ids, pa.string()), "rank": list(range(len(ids))),
-            "score": in_order(scores, ids).column("score"),
+            "example_id": take_rows(path, top, ["example_id"]).column("example_id").cast(pa.string()),
+            "rank": pa.array(np.arange(len(top)), pa.int64()),
+            "score": pa.array(score[top], pa.float64()),
         }))
 
     def _labeling(self, k: int) -> None:
@@ -413,7 +418,7 @@ class LoraScores:
 
     def floats(self, column: str) -> np.ndarray:
         """One column, in the asked rows' order."""
-        return _floats(read_columns(self.path, [column]), column)
+        return read_floats(self.path, column)
 
     def write_scores(self, dest: Path, measure: str, measures: list[str], u_base: Optional[np.ndarray],
                      score: np.ndarray) -> None:
@@ -450,8 +455,10 @@ def _column(scored: Optional[pa.Table], n: int, column: str, type: pa.DataType) 
     return scored.column(column).cast(type)
 
 
-def _floats(scored: pa.Table, column: str) -> np.ndarray:
-    return np.array(_column(scored, scored.num_rows, column, pa.float64()).to_numpy())  # writable
+def _floats(scored: pa.Table, column: str, rows: Optional[np.ndarray] = None) -> np.ndarray:
+    """`scored[column]` as a writable float64 array, cut to positions `rows` if given (one copy either way)."""
+    values = _column(scored, scored.num_rows, column, pa.float64()).to_numpy()
+    return values[rows] if rows is not None else np.array(values)
 
 
 def _self_training_line(summary: dict) -> dict:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.data import Pool
-from pipeline.io import read_parquet, write_parquet, write_text
+from pipeline.io import read_parquet, rows_with_ids, write_parquet, write_text
 from pipeline.label_formats import (FORMATS, Decision, ExportRow, LabelImportError, argilla_records, decide,
                                     label_studio_config, label_studio_tasks, read_items)
 from pipeline.run_dir import LABELED_SCHEMA, RunDir
@@ -86,11 +86,11 @@ def export_rows(run: RunDir, round: int, example_ids: list[str], pool: Pool) -> 
     prompts = pool.rows(example_ids, ["prompt"]).column("prompt").to_pylist()
     selected = read_parquet(run.selected_file(round)).to_pylist()
     score = {r["example_id"]: r["score"] for r in selected}
-    scores = read_parquet(run.scores_file(round)) if run.scores_file(round).is_file() else None
+    path = run.scores_file(round)
     model = {}
-    if scores is not None and "prediction" in scores.column_names:
-        mine = scores.filter(pc.is_in(scores.column("example_id"), value_set=pa.array(example_ids, pa.string())))
-        model = {r["example_id"]: r for r in mine.select(["example_id", "prediction", "confidence"]).to_pylist()}
+    if path.is_file() and "prediction" in pq.read_schema(path).names:  # only the exported rows are kept
+        mine = rows_with_ids(path, pa.array(example_ids, pa.string()), ["example_id", "prediction", "confidence"])
+        model = {r["example_id"]: r for r in mine.to_pylist()}
     return [ExportRow(e, p, score.get(e), model.get(e, {}).get("prediction"), model.get(e, {}).get("confidence"))
             for e, p in zip(example_ids, prompts)]
 

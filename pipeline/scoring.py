@@ -340,7 +340,7 @@ def _in_input_order(inp: ScoringInput, out: Path, units: list[Unit], columns: Op
             raise ScoringError(f"scoring lost or duplicated rows in row group {group} of {inp.path}: "
                                f"{table.num_rows} rows back for {len(offsets)} asked")
         table = table.take(pa.array(np.argsort(offsets, kind="stable"), pa.int64()))
-        expected = inp.example_ids.slice(start, len(offsets))
+        expected = inp.ids_slice(start, len(offsets))
         if not table.column("example_id").equals(pa.chunked_array([expected])):
             raise ScoringError(f"scoring mixed up rows in row group {group} of {inp.path}: a part's rows are "
                                f"not the ones its unit asked for")
@@ -373,6 +373,26 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     cols = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
             for f in schema]
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _holds_exactly(path: Path, ids: pa.Array) -> bool:
+    """Whether the score file `path` holds exactly the rows `ids`, in that order: compared a batch at a
+    time, so the file's id column is never whole in the driver."""
+    if not path.is_file() or pq.ParquetFile(path).metadata.num_rows != len(ids):
+        return False
+    start = 0
+    for batch in iter_batches(path, 65_536, ["example_id"]):
+        if not batch.column(0).cast(pa.string()).equals(ids.slice(start, batch.num_rows).cast(pa.string())):
+            return False
+        start += batch.num_rows
+    return True
+
+
+def _beside_ids(ids: pa.Array, path: Path, columns: Optional[list[str]]) -> pa.Table:
+    """example_id (`ids`, whose rows `path` holds in order) and `columns` (default all) of the file."""
+    table = read_columns(path, None if columns is None else [c for c in columns if c != "example_id"])
+    table = table.drop_columns([c for c in ("example_id",) if c in table.column_names])
+    return table.add_column(0, "example_id", pa.chunked_array([ids]))
 
 
 def _ids_in(path: Optional[Path]) -> Optional[pa.Array]:
@@ -421,10 +441,9 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
     """
     ids = _ids(inputs)
     cache, shared = (Path(p) if p is not None else None for p in (cache, shared))
+    if cache is not None and _holds_exactly(cache, ids):  # the run's cache holds these rows, in this order
+        return _beside_ids(ids, cache, columns)
     own = _ids_in(cache)
-    if own is not None and own.equals(ids):  # the run's cache holds exactly these rows, in this order
-        del own
-        return read_columns(cache, _with_id(columns))
     common = _ids_in(shared)
     known = _either(own, common)
     todo = inputs if known is None else inputs.filter(pc.invert(pc.is_in(ids, value_set=known)))
@@ -451,6 +470,8 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
         if shared is not None and fresh is not None:
             now = _ids_in(shared)  # re-read: another run may have added rows since
             stream_into(shared, ([(shared, None)] if now is not None else []) + [(fresh, _not_in(now))])
+        if cache is not None and own is None and from_common is None and fresh is not None:
+            return _beside_ids(ids, cache, columns)  # the cache is this call's rows alone, in `inputs`' order
         del own, common, known, todo  # the driver's largest call: hold no more ids than needed
         files = [cache] if cache is not None else [p for p in (shared, fresh) if p is not None and p.is_file()]
         held = pa.concat_tables([read_columns(f, _with_id(columns)) for f in files], promote_options="default")

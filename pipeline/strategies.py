@@ -141,11 +141,24 @@ def select(example_ids, acquisition: np.ndarray, b: int, rng: np.random.Generato
     by a seeded random key."""
     if len(example_ids) != len(acquisition):
         raise ValueError(f"{len(example_ids)} ids but {len(acquisition)} scores")
-    acquisition = np.asarray(acquisition, dtype=np.float64)
-    if np.isnan(acquisition).any():
-        raise ValueError("acquisition scores contain NaN")
-    tiebreak = rng.random(len(example_ids))
-    top = np.lexsort((tiebreak, -acquisition))[: min(b, len(example_ids))]  # last key is primary
+    top = top_positions(acquisition, b, rng)
     if isinstance(example_ids, (pa.Array, pa.ChunkedArray)):
         return example_ids.take(pa.array(top, pa.int64())).to_pylist()
     return [example_ids[i] for i in top]
+
+
+def top_positions(acquisition: np.ndarray, b: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of the b highest scores, best first; equal scores are ordered by a seeded random key.
+
+    Only the rows at or above the b-th highest score are sorted (a partition finds it): on a large pool the
+    driver holds the scores and one copy of them, not a sort of every row with its random key."""
+    acquisition = np.asarray(acquisition, dtype=np.float64)
+    if np.isnan(acquisition).any():
+        raise ValueError("acquisition scores contain NaN")
+    n, b = len(acquisition), min(b, len(acquisition))
+    if b <= 0:
+        return np.empty(0, np.int64)
+    kth = np.partition(acquisition, n - b)[n - b]
+    contenders = np.flatnonzero(acquisition >= kth)  # the top b and every row tied with the b-th
+    tiebreak = rng.random(len(contenders))
+    return contenders[np.lexsort((tiebreak, -acquisition[contenders]))[:b]]  # last key is primary

@@ -90,7 +90,7 @@ def minmax_normalize(u: torch.Tensor) -> torch.Tensor:
     lo, hi = u.min(), u.max()
     if hi - lo <= 0:
         return torch.zeros_like(u)
-    return (u - lo) / (hi - lo)
+    return (u - lo).div_(hi - lo)  # one new tensor: a pool-sized temporary less
 
 
 def dynamic_score(u_lora: torch.Tensor, u_base: torch.Tensor, lam: float) -> torch.Tensor:
@@ -99,7 +99,8 @@ def dynamic_score(u_lora: torch.Tensor, u_base: torch.Tensor, lam: float) -> tor
         raise ValueError(f"lambda should be in [0, 1], got {lam}")
     if u_lora.shape != u_base.shape:
         raise ValueError(f"u_lora and u_base should have the same shape, got {tuple(u_lora.shape)} and {tuple(u_base.shape)}")
-    return lam * minmax_normalize(u_lora) + (1.0 - lam) * minmax_normalize(u_base)
+    # in place on the fresh normalised tensors: two pool-sized tensors at a time, not five
+    return minmax_normalize(u_lora).mul_(lam).add_(minmax_normalize(u_base), alpha=1.0 - lam)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Pool loading: formats, stable example_ids, and bad rows reported with file and line."""
 import json
 
+import numpy as np
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -227,6 +229,27 @@ def test_dropping_duplicates_keeps_whole_row_groups(tmp_path, monkeypatch):
     assert len(pool) == 7 and [b.line for b in pool.skipped] == [8, 9, 10, 11]
     assert [pq.ParquetFile(p).metadata.row_group(0).num_rows for p in (pool.inputs_path, pool.labels_path)] == [4, 4]
     assert pool.rows([pool.example_ids[6]], ["prompt"]).column("prompt")[0].as_py() == boolq().prompt(row(6))
+
+
+def test_ids_that_only_share_a_hash_are_not_duplicates(tmp_path, monkeypatch):
+    """Duplicates are found by a 64-bit hash of each id, then confirmed on the ids themselves: with every
+    hash made equal, distinct ids still load and the real duplicate is still the only one named."""
+    import pipeline.data as data
+
+    monkeypatch.setattr(data, "ROW_GROUP_ROWS", 2)  # the suspects are read back across row groups
+    monkeypatch.setattr(data, "_id_hash", lambda example_id: 7)
+    rows = [row(0), row(1), row(2), row(1), row(3)]  # line 4 repeats line 2
+    pool = load_pool(str(write_jsonl(tmp_path / "p.jsonl", rows)), boolq(), on_bad_row="skip", cache_dir=tmp_path)
+    assert len(pool) == 4 and [(b.line, "first seen at line 2" in b.message) for b in pool.skipped] == [(4, True)]
+    assert len(set(pool.example_ids)) == 4
+
+
+def test_repeated_rows_finds_every_shared_hash():
+    from pipeline.data import _repeated_rows
+
+    hashes = np.array([5, 2**64 - 1, 9, 5, 3, 2**64 - 1, 5], dtype=np.uint64)
+    assert _repeated_rows(hashes).tolist() == [0, 1, 3, 5, 6]
+    assert _repeated_rows(np.arange(10, dtype=np.uint64)).tolist() == []
 
 
 def test_a_rewritten_file_of_the_same_size_and_mtime_is_read_again(tmp_path):

@@ -152,3 +152,19 @@ def test_sensible_combinations_load(overrides):
     from pipeline.config import load_config
 
     load_config(None, overrides)
+
+
+def test_top_positions_are_the_b_best_with_random_tie_order():
+    """Only the rows at or above the b-th score are sorted; the result is still the b best, best first."""
+    from pipeline.strategies import top_positions
+
+    gen = np.random.default_rng(0)
+    for trial in range(50):
+        scores = gen.integers(0, 5, size=int(gen.integers(1, 40))).astype(float)  # many ties
+        b = int(gen.integers(0, 45))
+        top = top_positions(scores, b, rng(trial))
+        assert len(top) == min(b, len(scores)) and len(set(top.tolist())) == len(top)
+        assert scores[top].tolist() == sorted(scores, reverse=True)[:len(top)]
+    ties = np.zeros(6)
+    assert len({tuple(top_positions(ties, 2, rng(s))) for s in range(20)}) > 1  # ties broken by the seed
+    assert top_positions(ties, 2, rng(3)).tolist() == top_positions(ties, 2, rng(3)).tolist()
