@@ -117,7 +117,7 @@ def phase(work: Path, k: int) -> dict:
     high-water RSS over the phases (the mark is reset once the pool is open) less its RSS just before."""
     import pyarrow as pa
 
-    from pipeline.io import write_parquet
+    from pipeline.io import release_arrow_memory, write_parquet
     from pipeline.loop import ActiveLearningRun
     from pipeline.run_dir import LABELED_SCHEMA
 
@@ -135,6 +135,7 @@ def phase(work: Path, k: int) -> dict:
     t0, peaks = time.perf_counter(), {}
     for name in ("scoring", "selecting", "labeling"):
         getattr(run, f"_{name}")(k)
+        release_arrow_memory()  # as the loop's _drive does after every phase
         peaks[name] = round(status_mb("VmHWM") - before, 1)  # the high-water mark so far
     labelled = run.run_dir.read_labeled().num_rows
     expected = run.cfg.al.initial_size + (run.cfg.al.batch_size if k == 1 else 0)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import iter_batches
+from pipeline.io import iter_batches, release_arrow_memory
 from pipeline.tasks import BadRow, Task
 
 POOL_SCHEMA = pa.schema(
@@ -80,6 +80,7 @@ class Pool:
                 raise DataError(f"{path}: row groups of {sorted(set(sizes))} rows, expected {self.row_group_rows}; "
                                 f"delete {self.dir} to rebuild it")
         self.ids, self.n_chars = _read_index(self.inputs_path)
+        release_arrow_memory()
 
     @property
     def inputs_path(self) -> Path:
@@ -144,10 +145,6 @@ class Pool:
         if at is None or len(at) == len(self):
             return ScoringInput(str(self.inputs_path), self.row_group_rows, np.arange(len(self)), self.n_chars, self.ids)
         return ScoringInput(str(self.inputs_path), self.row_group_rows, at, self.n_chars[at], self.ids)
-
-    def ids_at(self, rows: np.ndarray) -> pa.Array:
-        """The example_ids at positions `rows` (ascending, distinct): the pool's own array when that is all of them."""
-        return self.ids if len(rows) == len(self) else self.ids.take(pa.array(rows, pa.int64()))
 
     def rows_without(self, example_ids) -> np.ndarray:
         """Positions (ascending) of the rows whose example_id is not in `example_ids`: the unlabelled rows,

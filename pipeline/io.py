@@ -41,7 +41,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> Path:
-    return atomic(path, lambda tmp: pq.write_table(table, tmp))
+    # Row groups of BATCH_ROWS: the writer buffers a row group's encoded columns (pyarrow's default, 1Mi
+    # rows, held ~50 MB for a 2M-row scores file), and streamed reads hold about one row group.
+    return atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=BATCH_ROWS))
 
 
 def read_parquet(path: str | os.PathLike) -> pa.Table:
@@ -66,6 +68,13 @@ def read_columns(path: str | os.PathLike, columns: list[str] | None = None) -> p
 
 
 BATCH_ROWS = 65_536  # rows a streamed read holds at once
+
+
+def release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator (mimalloc) keeps after large reads back to the system, so the next
+    numpy allocations can use it: opening a 2M-row pool left ~49 MB that Arrow no longer used resident
+    (~25 bytes a row). Cheap (milliseconds); called between the driver's large phases."""
+    pa.default_memory_pool().release_unused()
 
 
 def read_floats(path: str | os.PathLike, column: str) -> np.ndarray:

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from pipeline.config import Config, ConfigError, resume_config, resume_hint
 from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
-from pipeline.io import atomic, iter_batches, read_floats, read_parquet, take_rows, write_json, write_parquet
+from pipeline.io import (BATCH_ROWS, atomic, iter_batches, read_floats, read_parquet, release_arrow_memory, take_rows, write_json,
+                         write_parquet)
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
@@ -131,6 +132,7 @@ class ActiveLearningRun:
                 log.info("round %d: %s", k, phase)
                 t0 = time.perf_counter()
                 getattr(self, f"_{phase}")(k)
+                release_arrow_memory()  # what a phase's large reads left with Arrow's allocator
                 self._timing(k, phase, time.perf_counter() - t0)
                 self.hook(k, phase, "after")
                 state = self._advance(state)
@@ -194,8 +196,9 @@ class ActiveLearningRun:
             # cut to the rows' own
             whole_pool = base.num_rows != n
             u_base = _floats(base, self.base_measure, rows if whole_pool else None)
-            base = (base.drop_columns(["example_id"]).take(pa.array(rows, pa.int64())) if whole_pool
-                    else base.drop_columns(["example_id"])) if shown else None  # only shown columns are kept
+            base = base.select(["prediction", "confidence"]) if shown else None  # only shown columns are kept
+            base = base.take(pa.array(rows, pa.int64())) if base is not None and whole_pool else base
+            release_arrow_memory()
         if k == 0:  # cold start: no adapter has been trained yet
             score = u_base if cold_by_base else self._rng(k, "cold").random(n)
         else:
@@ -209,14 +212,27 @@ class ActiveLearningRun:
         if lora is None:
             # The newest model's own answer and confidence, shown to annotators beside each row (label
             # export); null where this round scored nothing (random, the cold start).
-            write_parquet(self.run_dir.scores_file(k), pa.table({
-                "example_id": self.pool.ids_at(rows),
-                "u_lora": pa.nulls(n, pa.float64()),
-                "u_base": pa.array(u_base, pa.float64()) if u_base is not None else pa.nulls(n, pa.float64()),
-                "score": pa.array(score, pa.float64()),
-                "prediction": _column(base, n, "prediction", pa.string()),
-                "confidence": _column(base, n, "confidence", pa.float64()),
-            }))
+            # Written a batch at a time: a pool-sized table (its all-null columns are allocated too) and
+            # the writer's buffers for it were ~130 MB at 10M rows.
+            schema = pa.schema([("example_id", pa.string()), ("u_lora", pa.float64()), ("u_base", pa.float64()),
+                                ("score", pa.float64()), ("prediction", pa.string()), ("confidence", pa.float64())])
+
+            def write(tmp: str) -> None:
+                with pq.ParquetWriter(tmp, schema) as writer:
+                    for start in range(0, n, BATCH_ROWS):
+                        at = slice(start, start + BATCH_ROWS)
+                        m = len(rows[at])
+                        part = base.slice(start, m) if base is not None else None
+                        writer.write_table(pa.table({
+                            "example_id": self.pool.ids.take(pa.array(rows[at], pa.int64())),
+                            "u_lora": pa.nulls(m, pa.float64()),
+                            "u_base": pa.array(u_base[at], pa.float64()) if u_base is not None else pa.nulls(m, pa.float64()),
+                            "score": pa.array(score[at], pa.float64()),
+                            "prediction": _column(part, m, "prediction", pa.string()),
+                            "confidence": _column(part, m, "confidence", pa.float64()),
+                        }, schema=schema))
+
+            atomic(self.run_dir.scores_file(k), write)
             return
         measures = sorted(set(MEASURE_COLUMNS[self.task.kind].values()))
         lora.write_scores(self.run_dir.scores_file(k), self.strategy.measure, measures, u_base, score)
@@ -312,7 +328,9 @@ class ActiveLearningRun:
         if not self.run_dir.labeled_file.is_file():
             return
         have = self.run_dir.read_labeled().column("example_id")
-        lost = pc.filter(have, pc.invert(pc.is_in(have, value_set=self.pool.ids))).to_pylist()
+        # one pass over the pool against the (few) labelled ids: the pool's ids as a value_set would hash them all
+        present = self.pool.ids.filter(pc.is_in(self.pool.ids, value_set=have.combine_chunks()))
+        lost = pc.filter(have, pc.invert(pc.is_in(have, value_set=present))).to_pylist()
         if lost:
             raise DataError(f"data.path: {self.cfg.data.path} lacks {len(lost)} of this run's labelled examples "
                             f"(e.g. {sorted(lost)[:3]}); a resumed run needs the pool it started with")

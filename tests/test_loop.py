@@ -228,6 +228,10 @@ def test_a_moved_pool_is_named_on_resume_and_resume_set_points_the_run_at_it(tin
     assert deft(["resume", str(path), "--set", "al.rounds=3"]) == 2
     assert "--set al.rounds: cannot change in a run that has started" in capsys.readouterr().err
     assert (path / "config.yaml").read_bytes() == config_before  # refused resumes change nothing
+    other = _write(tmp_path / "c.jsonl", [dict(r, question=r["question"] + " (v2)") for r in demo_rows(40, 0, "pool")])
+    assert deft(["resume", str(path), "--set", f"data.path={other}"]) == 2  # a pool without the labelled rows
+    assert f"data.path: {other} lacks 6 of this run's labelled examples" in capsys.readouterr().err
+    assert (path / "config.yaml").read_bytes() == config_before
     assert deft(["resume", str(path), "--set", f"data.path={moved}"]) == 0
     assert RunDir(path).read_config().data.path == str(moved) and RunDir(path).read_state().phase == "done"
     assert RunDir(path).read_labeled().num_rows == 11
