@@ -11,8 +11,8 @@ its own:
   round 0  u_base over the whole pool (to the run's base cache), the cold-start pick, the simulated oracle
   round 1  u_base read back from the cache, u_lora over the unlabelled rows, the STAR mix, scores.parquet,
            the top b, the simulated oracle
-Each process reports its peak RSS growth over its start (load) or over the opened pool (rounds), and its
-peak RSS in absolute terms: that one includes the interpreter and its imports (torch, pyarrow), but not
+Each process reports its peak RSS growth over its RSS before the pool is loaded or opened (the open pool
+is part of the peak), and its peak RSS in absolute terms: that one includes the interpreter and its imports (torch, pyarrow), but not
 a Ray core worker (benchmarks.pool_scale has the whole driver, Ray included). The last line printed is one
 JSON object.
 """
@@ -114,7 +114,9 @@ def load_phase(work: Path) -> dict:
 
 def phase(work: Path, k: int) -> dict:
     """Round k's scoring, selecting and labelling phases in this process. Its peak is the process's
-    high-water RSS over the phases (the mark is reset once the pool is open) less its RSS just before."""
+    high-water RSS over opening the pool and the phases, less its RSS just before the pool opened (the
+    open pool is part of a round's cost: the loop releases Arrow's freed memory once it is open, so a
+    mark taken after the open would move with that release, not with the round)."""
     import pyarrow as pa
 
     from pipeline.io import release_arrow_memory, write_parquet
@@ -124,14 +126,15 @@ def phase(work: Path, k: int) -> dict:
     run = ActiveLearningRun(config(work), work / "run", scorer=StandInScorer(), say_logs=False)
     run.run_dir.path.mkdir(parents=True, exist_ok=True)
     run._adapter_state = lambda k: {}
+    reset_peak()
+    before = status_mb("VmRSS")
     if k == 1:  # round 0's picks are labelled
         ids = run.pool.ids.slice(0, run.cfg.al.initial_size)
         write_parquet(run.run_dir.labeled_file, pa.table({
             "example_id": ids, "label": pa.array(["true"] * len(ids)), "round_added": pa.array([0] * len(ids), pa.int32()),
             "source": pa.array(["oracle"] * len(ids))}, schema=LABELED_SCHEMA))
     len(run.pool)  # opened as a run opens it: ids and prompt lengths
-    reset_peak()
-    before = status_mb("VmRSS")
+    opened = status_mb("VmRSS")
     t0, peaks = time.perf_counter(), {}
     for name in ("scoring", "selecting", "labeling"):
         getattr(run, f"_{name}")(k)
@@ -142,7 +145,8 @@ def phase(work: Path, k: int) -> dict:
     if labelled != expected:
         raise AssertionError(f"round {k} labelled {labelled} rows in all, expected {expected}")
     return {"phase": f"round {k}", "round": k, "rows": len(run.pool), "seconds": round(time.perf_counter() - t0, 1),
-            "rss_before_mb": round(before, 1), "peak_growth_mb": round(status_mb("VmHWM") - before, 1),
+            "rss_before_mb": round(before, 1), "open_pool_growth_mb": round(opened - before, 1),
+            "peak_growth_mb": round(status_mb("VmHWM") - before, 1),
             "peak_growth_by_phase_mb": peaks, "peak_rss_mb": round(status_mb("VmHWM"), 1)}
 
 

@@ -34,16 +34,17 @@ def test_random_model_shapes_have_the_real_models_parameter_counts(shape, vocab,
 
 
 def test_round_memory_runs_the_loops_phases_on_a_large_pool():
-    """The load and both rounds' scoring, selecting and labelling phases run through the loop's own code (a
-    stand-in scorer, fresh processes). At 2M rows the rounds' peak over the open pool stays under 100 bytes
-    a row (~66 measured; ~250 when the top b was picked from the whole scores.parquet read back) and the
-    load's under 120 (~97 measured; ~175 when duplicates were found by Arrow's count_distinct) (README)."""
+    """The load and both rounds' phases (opening the pool, scoring, selecting, labelling) run through the
+    loop's own code (a stand-in scorer, fresh processes). At 2M rows a round's peak over the process before
+    the pool opens stays under 200 bytes a row (~156 measured, some 90 MB of it fixed; ~350 before the top
+    b was picked from the score column alone) and the load's under 120 (~75 measured; ~175 when duplicates
+    were found by Arrow's count_distinct) (README)."""
     from benchmarks.round_memory import main
 
     result = main(["--rows", "2000000"])
     assert [r["round"] for r in result["rounds"]] == [0, 1] and all(r["rows"] == 2_000_000 for r in result["rounds"])
     assert result["load"]["rows"] == 2_000_000
-    assert 0 < result["peak_growth_bytes_per_row"] < 100, result
+    assert 0 < result["peak_growth_bytes_per_row"] < 200, result
     assert 0 < result["load_peak_growth_bytes_per_row"] < 120, result
 
 

@@ -81,6 +81,28 @@ class Killed(BaseException):
     pass
 
 
+def test_round_0_scores_written_a_batch_at_a_time_are_the_base_caches(tiny_model_dir, scorer, reference, tmp_path, monkeypatch):
+    """Round 0's scores.parquet is written BATCH_ROWS at a time: with batches of 7 it is the same file as
+    the reference run's (one batch), and each row holds its own base scores."""
+    import pipeline.loop as loop
+
+    monkeypatch.setattr(loop, "BATCH_ROWS", 7)
+
+    def stop(k, phase, when):
+        if (k, phase, when) == (0, "selecting", "after"):
+            raise Killed()
+
+    path = tmp_path / "run"
+    with pytest.raises(Killed):
+        ActiveLearningRun(loop_config(tiny_model_dir), path, hook=stop, scorer=scorer).run()
+    mine = read_parquet(RunDir(path).scores_file(0))
+    assert mine.num_rows == 40 and mine.equals(read_parquet(RunDir(reference[0]).scores_file(0)))
+    base = {r["example_id"]: r for r in read_parquet(RunDir(path).base_uncertainty_file).to_pylist()}
+    for r in mine.to_pylist():
+        own = base[r["example_id"]]
+        assert (r["u_base"], r["prediction"], r["confidence"], r["u_lora"]) == (own["entropy"], own["prediction"], own["confidence"], None)
+
+
 KILL_POINTS = [(k, phase, when) for k in (0, 1) for phase in PHASES[:-1] for when in ("before", "after")]
 
 
