@@ -107,6 +107,27 @@ def take_rows(path: str | os.PathLike, rows, columns: list[str]) -> pa.Table:
     return table.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
 
 
+def iter_rows_at(path: str | os.PathLike, positions: np.ndarray, columns: list[str], chunk: int):
+    """Tables of `columns` for the rows at `positions` (ascending) of a (large) Parquet file, `chunk`
+    positions at a time (the last may be shorter), streamed: only the taken rows are held."""
+    pending, held, want, start = [], 0, 0, 0
+    for batch in iter_batches(path, BATCH_ROWS, columns):
+        end = start + batch.num_rows
+        upto = int(np.searchsorted(positions, end))  # positions[want:upto] fall in this batch
+        if upto > want:
+            pending.append(pa.Table.from_batches([batch]).take(pa.array(positions[want:upto] - start, pa.int64())))
+            held, want = held + upto - want, upto
+        while held >= chunk:
+            table = pa.concat_tables(pending)
+            yield table.slice(0, chunk)
+            pending, held = [table.slice(chunk)], held - chunk
+        start = end
+    if want != len(positions):
+        raise IndexError(f"{path} has {start} rows; asked for row {int(positions[want])}")
+    if held:
+        yield pa.concat_tables(pending)
+
+
 def rows_with_ids(path: str | os.PathLike, example_ids, columns: list[str]) -> pa.Table:
     """`columns` (example_id among them) of the rows of a (large) Parquet file whose example_id is one of
     `example_ids` (few), in the file's order, streamed a batch at a time."""

@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 from pipeline.config import Config, ConfigError, resume_config, resume_hint
 from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
-from pipeline.io import (BATCH_ROWS, atomic, iter_batches, read_floats, read_parquet, release_arrow_memory, take_rows, write_json,
-                         write_parquet)
+from pipeline.io import (BATCH_ROWS, atomic, iter_batches, iter_rows_at, read_floats, read_parquet, release_arrow_memory,
+                         take_rows, write_json, write_parquet)
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
 from pipeline.run_dir import PHASES, RunDir, RunState
-from pipeline.scoring import base_uncertainty
+from pipeline.scoring import base_uncertainty, holds_exactly
 from pipeline.strategies import MEASURE_COLUMNS, RoundScores, get_strategy, measure_column, top_positions
 from pipeline.tasks import get_task
 from pipeline.uncertainty import LambdaSchedule
@@ -184,20 +184,25 @@ class ActiveLearningRun:
         if k == 0 and self.cfg.al.evaluate_base and self.test is not None:
             write_json(self.run_dir.path / "base_eval.json", self._evaluate_adapter(None))
         n = len(rows)
-        u_base = u_lora = base = lora = None
+        u_base = u_lora = base = lora = shown_base = None
         cold_by_base = k == 0 and self.cfg.al.initial == "base_uncertainty"
         if self.strategy.uses_base or cold_by_base:  # scored once, in round 0, and cached
             whole = self.cfg.al.base_on_full_pool or self.cfg.al.candidates is None
             shown = k == 0 or not self.strategy.uses_lora  # base's answers go to scores.parquet (no lora this round)
-            base = base_uncertainty(self.scorer, self.pool.scoring_input(rows=None if whole else rows),
-                                    self.run_dir.base_uncertainty_file, self.base_cache,
-                                    columns=[self.base_measure, *(["prediction", "confidence"] if shown else [])])
+            asked = self.pool.scoring_input(rows=None if whole else rows)
+            cache = self.run_dir.base_uncertainty_file
+            base = base_uncertainty(self.scorer, asked, cache, self.base_cache, columns=[self.base_measure])
             # in the asked order: positions place the rows from here; the whole pool's (in pool order) are
             # cut to the rows' own
             whole_pool = base.num_rows != n
             u_base = _floats(base, self.base_measure, rows if whole_pool else None)
-            base = base.select(["prediction", "confidence"]) if shown else None  # only shown columns are kept
-            base = base.take(pa.array(rows, pa.int64())) if base is not None and whole_pool else base
+            base = None
+            if shown and holds_exactly(cache, asked.example_ids):
+                # base's answers are streamed from the cache as scores.parquet is written (~170 MB at 10M rows)
+                shown_base = iter_rows_at(cache, rows if whole_pool else np.arange(n), ["prediction", "confidence"], BATCH_ROWS)
+            elif shown:  # the cache's rows are in another order (`deft compare` filled it from the shared file)
+                base = base_uncertainty(self.scorer, asked, cache, self.base_cache, columns=["prediction", "confidence"])
+                base = base.take(pa.array(rows, pa.int64())) if whole_pool else base
             release_arrow_memory()
         if k == 0:  # cold start: no adapter has been trained yet
             score = u_base if cold_by_base else self._rng(k, "cold").random(n)
@@ -222,7 +227,7 @@ class ActiveLearningRun:
                     for start in range(0, n, BATCH_ROWS):
                         at = slice(start, start + BATCH_ROWS)
                         m = len(rows[at])
-                        part = base.slice(start, m) if base is not None else None
+                        part = next(shown_base) if shown_base is not None else base.slice(start, m) if base is not None else None
                         writer.write_table(pa.table({
                             "example_id": self.pool.ids.take(pa.array(rows[at], pa.int64())),
                             "u_lora": pa.nulls(m, pa.float64()),

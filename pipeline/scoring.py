@@ -375,7 +375,7 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def _holds_exactly(path: Path, ids: pa.Array) -> bool:
+def holds_exactly(path: Path, ids: pa.Array) -> bool:
     """Whether the score file `path` holds exactly the rows `ids`, in that order: compared a batch at a
     time, so the file's id column is never whole in the driver."""
     if not path.is_file() or pq.ParquetFile(path).metadata.num_rows != len(ids):
@@ -441,7 +441,7 @@ def base_uncertainty(scorer: PoolScorer, inputs: ScoringInput | pa.Table, cache:
     """
     ids = _ids(inputs)
     cache, shared = (Path(p) if p is not None else None for p in (cache, shared))
-    if cache is not None and _holds_exactly(cache, ids):  # the run's cache holds these rows, in this order
+    if cache is not None and holds_exactly(cache, ids):  # the run's cache holds these rows, in this order
         return _beside_ids(ids, cache, columns)
     own = _ids_in(cache)
     common = _ids_in(shared)

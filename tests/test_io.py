@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.io as io
-from pipeline.io import read_floats, rows_with_ids, take_rows
+from pipeline.io import iter_rows_at, read_floats, rows_with_ids, take_rows
 
 
 @pytest.fixture
@@ -33,3 +33,11 @@ def test_read_floats_is_float64_with_nan_for_null(scores):
 def test_rows_with_ids_in_file_order(scores):
     got = rows_with_ids(scores, pa.array(["e7", "e1", "nope"]), ["example_id", "score"])
     assert got.to_pylist() == [{"example_id": "e1", "score": 1.0}, {"example_id": "e7", "score": 7.0}]
+
+
+def test_iter_rows_at_streams_chunks_of_the_asked_rows(scores):
+    chunks = list(iter_rows_at(scores, np.array([0, 2, 3, 4, 7, 9]), ["example_id"], 4))
+    assert [c.column("example_id").to_pylist() for c in chunks] == [["e0", "e2", "e3", "e4"], ["e7", "e9"]]
+    assert list(iter_rows_at(scores, np.array([], np.int64), ["example_id"], 4)) == []
+    with pytest.raises(IndexError, match="asked for row 12"):
+        list(iter_rows_at(scores, np.array([1, 12]), ["example_id"], 4))

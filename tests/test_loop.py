@@ -103,6 +103,27 @@ def test_round_0_scores_written_a_batch_at_a_time_are_the_base_caches(tiny_model
         assert (r["u_base"], r["prediction"], r["confidence"], r["u_lora"]) == (own["entropy"], own["prediction"], own["confidence"], None)
 
 
+def test_round_0_scores_from_a_base_cache_in_another_order(tiny_model_dir, scorer, reference, tmp_path):
+    """Where the run's base cache holds the rows in another order than the pool's (as `deft compare`'s shared
+    file can leave it), base's answers are placed by id instead of streamed by position: the same file."""
+    from pipeline.io import write_parquet
+
+    def stop_at(point):
+        def hook(k, phase, when):
+            if (k, phase, when) == point:
+                raise Killed()
+        return hook
+
+    path = tmp_path / "run"
+    with pytest.raises(Killed):
+        ActiveLearningRun(loop_config(tiny_model_dir), path, hook=stop_at((0, "scoring", "before")), scorer=scorer).run()
+    cached = read_parquet(RunDir(reference[0]).base_uncertainty_file)
+    write_parquet(RunDir(path).base_uncertainty_file, cached.take(pa.array(range(cached.num_rows - 1, -1, -1))))
+    with pytest.raises(Killed):
+        ActiveLearningRun.open(path, scorer=scorer, hook=stop_at((0, "scoring", "after"))).resume()
+    assert read_parquet(RunDir(path).scores_file(0)).equals(read_parquet(RunDir(reference[0]).scores_file(0)))
+
+
 KILL_POINTS = [(k, phase, when) for k in (0, 1) for phase in PHASES[:-1] for when in ("before", "after")]
 
 
