@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from cluster.runtime import quiet_libraries
@@ -188,19 +189,31 @@ class FastDropout(torch.nn.Module):
     1 / (1 - p), so E[output] = input exactly. On CUDA nn.Dropout is already fast and is kept.
     """
 
+    # The random bits come from numpy's PCG64, shared by every FastDropout of the process and reseeded per
+    # micro-batch by the scorer (`reseed`): 64 random bits cost ~0.24 ms per 92k draws there against
+    # ~0.42 ms for torch.randint on CPU (1 thread), and a mask is drawn for every LoRA input of every pass.
+    bits = np.random.PCG64(0)
+
     def __init__(self, p: float):
         super().__init__()
         self.p = p
         self._threshold = int(round(p * 65536)) - 32768  # lanes are uniform on [-32768, 32767]
         self._scale = 1.0 / (1.0 - (self._threshold + 32768) / 65536)
 
+    @classmethod
+    def reseed(cls, seed: int) -> None:
+        """Restart the masks' random bits: the same seed gives the same masks."""
+        cls.bits = np.random.PCG64(seed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         n = x.numel()
-        lanes = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        drop = lanes.view(torch.int16)[:n].view(x.shape) < self._threshold
-        return x.masked_fill(drop, 0.0).mul_(self._scale)
+        lanes = torch.from_numpy(FastDropout.bits.random_raw((n + 3) // 4).view(np.int64))
+        keep = lanes.view(torch.int16)[:n].view(x.shape) >= self._threshold
+        # x * keep, not masked_fill: the same values (a dropped negative is -0.0, which sums alike), and on
+        # CPU masked_fill's kernel cost ~0.62 ms of a 16 x 40 x 576 input against ~0.36 ms for the product
+        return (x * keep).mul_(self._scale)
 
 
 def use_fast_dropout(model: torch.nn.Module) -> int:

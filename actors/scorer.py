@@ -20,7 +20,8 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from actors.model import attach_lora, load_adapter_state, load_model, load_tokenizer, set_mc_dropout, use_fast_dropout
+from actors.model import (FastDropout, attach_lora, load_adapter_state, load_model, load_tokenizer, set_mc_dropout,
+                          use_fast_dropout)
 from pipeline.config import LoraConfig, ModelConfig, ScoringConfig, TaskConfig, from_dict
 from pipeline.tasks import GenerationTask, VerbalizerTask, get_task
 from pipeline.uncertainty import generation_uncertainty, token_nll_and_entropy, verbalizer_uncertainty
@@ -229,6 +230,7 @@ class Scorer:
         # not depend on which actor scored it or in what order.
         digest = hashlib.sha256(key.encode()).digest()
         torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        FastDropout.reseed(int.from_bytes(digest[8:16], "little"))  # the CPU masks' bits (actors.model)
 
     @torch.inference_mode()
     def _score_batch(self, seqs: list[list[int]], mode: str, key: str) -> list[dict]:
