@@ -91,19 +91,11 @@ def read_floats(path: str | os.PathLike, column: str) -> np.ndarray:
 
 def take_rows(path: str | os.PathLike, rows, columns: list[str]) -> pa.Table:
     """`columns` of the rows at positions `rows` (any order) of a (large) Parquet file, in that order,
-    streamed a batch at a time: only the wanted rows are kept."""
+    streamed a batch at a time (`iter_rows_at` on the sorted positions): only the wanted rows are kept."""
     rows = np.asarray(rows, dtype=np.int64)
     order = np.argsort(rows, kind="stable")
-    wanted, parts, start = rows[order], [], 0
-    for batch in iter_batches(path, BATCH_ROWS, columns):
-        lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
-        if hi > lo:
-            parts.append(pa.Table.from_batches([batch]).take(pa.array(wanted[lo:hi] - start, pa.int64())))
-        start += batch.num_rows
-    if len(wanted) and (wanted[0] < 0 or wanted[-1] >= start):
-        raise IndexError(f"{path} has {start} rows; asked for row {int(wanted[0] if wanted[0] < 0 else wanted[-1])}")
-    schema = pq.read_schema(path)
-    table = pa.concat_tables(parts) if parts else schema.empty_table().select(columns)
+    parts = list(iter_rows_at(path, rows[order], columns, max(1, len(rows))))
+    table = parts[0] if parts else pq.read_schema(path).empty_table().select(columns)
     return table.take(pa.array(np.argsort(order, kind="stable"), pa.int64()))
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import Config, to_dict
 from pipeline.data import SCORER_COLUMNS, ScoringInput, as_id_array, pools_dir, row_group_of, write_inputs
-from pipeline.io import atomic, iter_batches, read_columns
+from pipeline.io import BATCH_ROWS, atomic, iter_batches, read_columns
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +381,7 @@ def holds_exactly(path: Path, ids: pa.Array) -> bool:
     if not path.is_file() or pq.ParquetFile(path).metadata.num_rows != len(ids):
         return False
     start = 0
-    for batch in iter_batches(path, 65_536, ["example_id"]):
+    for batch in iter_batches(path, BATCH_ROWS, ["example_id"]):
         if not batch.column(0).cast(pa.string()).equals(ids.slice(start, batch.num_rows).cast(pa.string())):
             return False
         start += batch.num_rows
