@@ -3,6 +3,10 @@ import json
 
 import pytest
 import torch
+import yaml
+
+from pipeline.config import to_dict
+from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +68,44 @@ def test_scoring_benchmark_reports_the_plain_and_the_templated_pool(ray_local, t
     assert result["ratio_vs_limit"] == plain["ratio_vs_limit"] > 0 and templated["ratio_vs_baal"] > 0
     assert plain["mean_shared_prefix_tokens"] == 0  # BoolQ prompts start with the question
     assert templated["mean_shared_prefix_tokens"] > 0.5 * templated["mean_prompt_tokens"]
+
+
+def test_fresh_start_trains_each_step_count_on_the_same_rows_and_reports_one_class_runs(tiny_model_dir, tmp_path, capsys):
+    from benchmarks import fresh_start
+
+    cfg = tiny_config(tiny_model_dir, data={"path": "demo", "test_path": "demo", "demo_size": 40},
+                      al={"eval_limit": 12}, train={"backend": "local", "batch_size": 8})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    out = fresh_start.main([str(path), "--labels", "8", "--steps", "1,3", "--seeds", "0,1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert [(r["seed"], r["asked_steps"]) for r in out["runs"]] == [(0, 1), (0, 3), (1, 1), (1, 3)]
+    for r in out["runs"]:  # 8 rows at batch 8: one step an epoch, so min_steps sets the epochs
+        assert r["steps"] == r["asked_steps"] == len(r["epoch_loss"])
+        assert r["one_class"] == (r["top_share"] >= 0.95) and 0 < r["top_share"] <= 1 and 0 <= r["accuracy"] <= 1
+    assert out["by_steps"].keys() == {"1", "3"} and all(s["runs"] == 2 for s in out["by_steps"].values())
+    assert out["runs"][0]["label_majority_share"] == out["runs"][1]["label_majority_share"]  # the same rows per seed
+    assert out["runs"][0]["epoch_loss"][0] == out["runs"][1]["epoch_loss"][0]  # ... and the same start
+
+
+def test_distillation_trains_a_teacher_then_a_fresh_student_per_step_count(tiny_model_dir, tmp_path, capsys):
+    from benchmarks import distillation
+
+    cfg = tiny_config(tiny_model_dir, data={"path": "demo", "test_path": "demo", "demo_size": 40},
+                      al={"eval_limit": 12}, train={"backend": "local", "batch_size": 4})
+    path = tmp_path / "tiny.yaml"
+    data = to_dict(cfg)
+    del data["self_training"]  # explicit keys would override the preset the benchmark asks for
+    path.write_text(yaml.safe_dump(data))
+    out = distillation.main([str(path), "--teacher-labels", "4,8", "--student-steps", "1,3",
+                             "--set", "self_training.batch_size=4", "--set", "self_training.warmup_fraction=0.5"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    (run,) = out["runs"]
+    assert run["pseudo_rows"] == 40 - 8  # every pool row the teacher's gold rows left
+    assert [s["steps"] for s in run["students"]] == [1, 3]
+    assert run["students"][0]["lr"] == 1e-3  # preset small, since no --set named a preset
+    for s in run["students"]:
+        assert 0 <= s["student"]["accuracy"] <= 1 and 0 <= s["fine_tuned"]["accuracy"] <= 1
+        assert s["student_loss"] >= 0 and s["gold_loss"] >= 0
+    # 3 steps with a 0.5 warm-up take 1 meta re-weighted step; the two students are different adapters
+    assert run["students"][0]["student_loss"] != run["students"][1]["student_loss"]
