@@ -69,11 +69,10 @@ def main(argv=None) -> dict:
         teacher_s = time.perf_counter() - t1
         gold_rows = gold.select(["example_id", "prompt", "target"])
         rest = ids.take(order[rounds[-1]:])
+        prompts = bench.pool.rows(rest, ["prompt"]).column("prompt").to_pylist()
         bench.scorer.set_adapter(teacher)
-        soft = bench.scorer.score({"example_id": rest.to_pylist(),
-                                   "prompt": bench.pool.rows(rest, ["prompt"]).column("prompt").to_pylist()}, "eval")
-        pseudo = [{"example_id": e, "prompt": p, "probs": q} for e, p, q in
-                  zip(soft["example_id"], bench.pool.rows(rest, ["prompt"]).column("prompt").to_pylist(), soft["probs"])]
+        soft = bench.scorer.score({"example_id": rest.to_pylist(), "prompt": prompts}, "eval")
+        pseudo = [{"example_id": e, "prompt": p, "probs": q} for e, p, q in zip(soft["example_id"], prompts, soft["probs"])]
         run = {"seed": seed, "teacher_labels": rounds, "teacher": summary(bench.evaluate(teacher)),
                "teacher_s": round(teacher_s, 1), "pseudo_rows": len(pseudo),
                "pseudo_mean_confidence": float(np.mean(soft["confidence"])), "students": []}

@@ -82,20 +82,13 @@ class Bench:
         """Accuracy, ECE and the most common answer of an adapter state (None: the base model) on the test split."""
         from pipeline.evaluation import evaluate
 
-        self.scorer.set_adapter(state if state is not None else self.zero_state())
-        out = self.scorer.score(self.test_input, "eval")
+        if state is not None:
+            self.scorer.set_adapter(state)
+        out = self.scorer.score(self.test_input, "eval" if state is not None else "base")  # base: adapter disabled
         scored = pa.table({k: out[k] for k in ("example_id", "prediction", "confidence")})
         top, count = Counter(out["prediction"]).most_common(1)[0]
         return {**evaluate(scored, self.gold, self.task, self.ece_bins), "top_answer": top,
                 "top_share": count / len(out["prediction"])}
-
-    def zero_state(self) -> dict:
-        """An adapter with B = 0: exactly the base model."""
-        from actors.model import adapter_state
-
-        import torch
-
-        return {k: torch.zeros_like(v) if "lora_B" in k else v.clone() for k, v in adapter_state(self.scorer.model).items()}
 
 
 def main(argv=None) -> dict:
@@ -108,9 +101,8 @@ def main(argv=None) -> dict:
     bench = Bench(args.config, args.overrides, "fresh_start")
     if args.labels > len(bench.pool):
         raise ConfigError(f"--labels {args.labels} is more than the pool's {len(bench.pool)} rows")
-    pool = bench.pool
     base = bench.evaluate(None)
-    ids = pool.table.column("example_id")
+    ids = bench.pool.table.column("example_id")
     runs, t0 = [], time.perf_counter()
     for seed in seeds:
         chosen = ids.take(np.sort(np.random.default_rng(seed).choice(len(ids), args.labels, replace=False)))

@@ -276,8 +276,8 @@ class SelfTrainingConfig:
 
     PRESETS: ClassVar[dict] = {
         # Measured on 2 CPU cores with SmolLM2-135M (README "Self-training"): one round in minutes. 96 steps,
-        # not 32: a fresh student distilling a 0.91 demo teacher reached 0.89 in 96 steps, but only 0.67
-        # in 32 (0.58 at lr 3e-3), and the gold fine-tune did not repair it (0.70).
+        # not 32: a fresh student distilling a 0.91 demo teacher (benchmarks.distillation) reached 0.89 in 96
+        # steps but stayed at the base model's 0.42 in 32, and the gold fine-tune did not repair it (0.71).
         "small": {"sessions": 1, "steps": 96, "batch_size": 8, "meta_batch": 4, "lr": 1.0e-3},
     }
 
