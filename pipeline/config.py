@@ -292,6 +292,10 @@ class SelfTrainingConfig:
     meta_lr: float = 5.0e-6  # the virtual SGD step of meta re-weighting
     # Beyond LiST (which filters nothing): pseudo-label only rows whose teacher confidence >= this.
     min_confidence: Optional[float] = None
+    # Beyond LiST: a teacher whose pseudo-labels are all one class has only the class prior to teach, and
+    # a student distilled from it starts the gold fine-tune from that prior (on the demo such a round ended
+    # at 0.42, the base model's accuracy). Such a session is skipped and the teacher stays the adapter.
+    skip_one_class: bool = True
 
     def __post_init__(self):
         _require(self.preset is None or self.preset in self.PRESETS,

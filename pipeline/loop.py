@@ -493,6 +493,7 @@ def _self_training_line(summary: dict) -> dict:
         "student_loss": [s["student_loss"] for s in sessions],
         "gold_loss": [s["gold_loss"] for s in sessions],
         "zero_weight_rows": [s["zero_weight_rows"] for s in sessions],
+        "skipped_sessions": sum(1 for s in sessions if s.get("skipped")),  # self_training.skip_one_class
         "seconds": round(sum(s.get(k, 0.0) for s in sessions for k in ("pseudo_label_s", "student_s", "gold_s")), 3),
     }
 

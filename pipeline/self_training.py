@@ -10,6 +10,10 @@ The round's gold-trained adapter is the first teacher. Each session s:
   4. it becomes the next session's teacher.
 The round's adapter (rounds/k/adapter, what scores and evaluates) is the last session's.
 
+Beyond LiST (self_training.skip_one_class, on by default): when every pseudo-label is the same class,
+the session is skipped, its adapter is the teacher itself, and so are the later sessions' (they would
+see the same teacher), so a teacher stuck at the class prior is not distilled into a fresh student.
+
     RUN/rounds/k/teacher/                      the gold-trained adapter (session 0's teacher)
     RUN/rounds/k/self_training/s/pseudo.parquet   example_id, source="pseudo", probs, confidence,
                                                   pseudo_label, weight (mean meta-weight; null if never re-weighted)
@@ -87,6 +91,8 @@ class RoundSelfTraining:
                 self._session(s, teacher, gold)
             summary.append(json.loads((d / "metrics.json").read_text()))
             teacher = d / "adapter"
+            if summary[-1].get("skipped"):  # the teacher is unchanged, so every later session would skip too
+                break
         return {"sessions": summary, "final": str(teacher.relative_to(self.run.run_dir.path))}
 
     def _session(self, s: int, teacher: Path, gold: pa.Table) -> None:
@@ -97,6 +103,9 @@ class RoundSelfTraining:
             write_parquet(pseudo_file, self._pseudo_label(read_adapter_state(teacher)))
             times["pseudo_label_s"] = time.perf_counter() - t0
         pseudo = read_parquet(pseudo_file)
+        if self.cfg.self_training.skip_one_class and pc.count_distinct(pseudo.column("pseudo_label")).as_py() == 1:
+            self._skip(s, teacher, pseudo, times)
+            return
         student = d / "student"
         if not (student / ADAPTER_FILE).is_file():
             t0 = time.perf_counter()
@@ -113,15 +122,23 @@ class RoundSelfTraining:
         student_metrics = json.loads((d / "student_metrics.json").read_text())
         weights = [w for w in pseudo.column("weight").to_pylist() if w is not None]
         write_json(d / "metrics.json", {
-            "session": s, "pseudo_rows": pseudo.num_rows,
-            "pseudo_labels": {str(l): int(c) for l, c in zip(*np.unique(pseudo.column("pseudo_label").to_pylist(), return_counts=True))} if pseudo.num_rows else {},
-            "mean_confidence": float(np.mean(pseudo.column("confidence").to_numpy())) if pseudo.num_rows else None,
-            "reweighted_rows": len(weights), "zero_weight_rows": sum(1 for w in weights if w == 0.0),
+            **_pseudo_summary(s, pseudo), "reweighted_rows": len(weights), "zero_weight_rows": sum(1 for w in weights if w == 0.0),
             "student_loss": student_metrics.get("epoch_loss", [None])[-1], "student_steps": student_metrics.get("steps"),
             "gold_loss": result.metrics.get("epoch_loss", [None])[-1], **{k: round(v, 3) for k, v in times.items()},
         })
         # The adapter dir last, by rename: its existence marks the session done (metrics.json is in place).
         os.replace(d / "adapter.tmp", d / "adapter")
+
+    def _skip(self, s: int, teacher: Path, pseudo: pa.Table, times: dict) -> None:
+        """self_training.skip_one_class: the teacher labels every row alike, so there is nothing but the
+        class prior to distil. The session's adapter is the teacher itself; no student is trained."""
+        d, label = self.session_dir(s), pseudo.column("pseudo_label")[0].as_py()
+        reason = f"all {pseudo.num_rows} pseudo-labels are {label!r}: the teacher has only the class prior to teach"
+        log.info("round %d, self-training session %d skipped: %s", self.k, s, reason)
+        write_json(d / "metrics.json", {**_pseudo_summary(s, pseudo), "skipped": reason, "reweighted_rows": 0,
+                                        "zero_weight_rows": 0, "student_loss": None, "student_steps": 0,
+                                        "gold_loss": None, **{k: round(v, 3) for k, v in times.items()}})
+        install_dir(str(teacher), d / "adapter")  # last, atomically: its existence marks the session done
 
     def _pseudo_label(self, teacher_state: dict) -> pa.Table:
         """The teacher's label-word distribution on every unlabelled row (eval mode, label-free)."""
@@ -171,3 +188,11 @@ class RoundSelfTraining:
             return train_adapter_in_process(cfg, self.run.model_path, gold, out, False, student_state)
         return train_adapter(cfg, self.run.model_path, gold, out, self.run.scorer.plan, False, student_state,
                              storage_path=str(self.run.run_dir.path / "ray_train"), name=f"round-{self.k}-gold-{s}")
+
+
+def _pseudo_summary(s: int, pseudo: pa.Table) -> dict:
+    """A session's pseudo-labels in its metrics.json: how many, per class, and the teacher's mean confidence."""
+    labels = pseudo.column("pseudo_label").to_pylist()
+    return {"session": s, "pseudo_rows": pseudo.num_rows,
+            "pseudo_labels": {str(l): int(c) for l, c in zip(*np.unique(labels, return_counts=True))} if labels else {},
+            "mean_confidence": float(np.mean(pseudo.column("confidence").to_numpy())) if labels else None}

@@ -159,6 +159,7 @@ def _cfg(**sections):
     ({"self_training": {"meta_lr": -1}}, "self_training.meta_lr should be positive"),
     ({"self_training": {"min_confidence": 1.0}}, r"self_training.min_confidence should be in \[0, 1\)"),
     ({"self_training": {"preset": "huge"}}, "self_training.preset should be one of"),
+    ({"self_training": {"skip_one_class": "sometimes"}}, "self_training.skip_one_class"),
     ({"self_training": {"session": 2}}, "unknown config key 'self_training.session'"),
     ({"train": {"loss": "verbalizer"}, "task": {"name": "gsm8k"}, "self_training": {"enabled": False}},
      "train.loss verbalizer needs a verbalizer task"),
@@ -172,6 +173,7 @@ def test_self_training_defaults_are_the_authors_and_the_small_preset_applies():
     st = _cfg().self_training
     assert (st.sessions, st.steps, st.warmup_fraction, st.batch_size, st.meta_batch, st.lr, st.meta_lr, st.min_confidence) == \
         (6, 1000, 0.6, 16, 4, 1e-4, 5e-6, None)
+    assert st.skip_one_class  # deft's own guard, beyond LiST
     small = _cfg(self_training={"preset": "small", "sessions": 3}).self_training
     assert small.sessions == 3 and small.steps == from_dict(type(st), {"preset": "small"}).steps < 1000
     assert _cfg().train.loss == "lm" and _cfg(train={"preset": "paper", "loss": "verbalizer"}).train.loss == "verbalizer"

@@ -2,8 +2,10 @@
 holds, that pseudo-labels never count or carry gold, and that a kill inside a session resumes to the
 same adapter, bit for bit."""
 import hashlib
+import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
@@ -24,8 +26,10 @@ def config(model_dir, **st):
         model_dir,
         al={"strategy": "star", "initial_size": 6, "batch_size": 5, "rounds": 2, "evaluate_base": False, "eval_limit": 10},
         train={"epochs": 2, "lr": 3e-3, "batch_size": 4, "backend": "local"},
+        # skip_one_class off: the tiny random teacher labels every row alike, and these tests are about
+        # the distillation itself (the guard has its own test below)
         self_training={"enabled": True, "sessions": 2, "steps": 4, "warmup_fraction": 0.5, "batch_size": 4,
-                       "meta_batch": 2, "lr": 1e-3, "meta_lr": 1e-2, **st},
+                       "meta_batch": 2, "lr": 1e-3, "meta_lr": 1e-2, "skip_one_class": False, **st},
     )
 
 
@@ -138,3 +142,41 @@ def test_min_confidence_filters_the_pseudo_labels(tiny_model_dir, scorer, refere
     kept = [c for c in ref_pseudo.column("confidence").to_pylist() if c >= threshold]
     assert 0 < pseudo.num_rows == len(kept) < ref_pseudo.num_rows
     assert min(pseudo.column("confidence").to_pylist()) >= threshold
+
+
+@pytest.mark.parametrize("classes, skip, distilled", [
+    (["true"], True, False), (["true"], False, True), (["true", "false"], True, True)])
+def test_a_one_class_teacher_is_not_distilled_unless_asked(tiny_model_dir, scorer, tmp_path, monkeypatch,
+                                                           classes, skip, distilled):
+    """self_training.skip_one_class (beyond LiST, on by default): a teacher that labels every row alike has
+    only the class prior to teach. Its session is skipped, the teacher stays the round's adapter, and the
+    later sessions (which would see the same teacher) do not run. Off, or with two classes, the student
+    is trained."""
+    original = RoundSelfTraining._pseudo_label
+
+    def sure_of(self, teacher_state):  # the real teacher's rows, each made a sure vote for its class
+        t = original(self, teacher_state)
+        n = t.num_rows
+        labels = [classes[i % len(classes)] for i in range(n)]
+        probs = [[0.9, 0.1] if label == "true" else [0.1, 0.9] for label in labels]
+        return t.set_column(2, "probs", pa.array(probs, t.schema.field("probs").type)) \
+                .set_column(3, "confidence", pa.array([0.9] * n, t.schema.field("confidence").type)) \
+                .set_column(4, "pseudo_label", pa.array(labels))
+
+    monkeypatch.setattr(RoundSelfTraining, "_pseudo_label", sure_of)
+    cfg = config(tiny_model_dir, skip_one_class=skip)
+    cfg.al.rounds = 1
+    metrics = ActiveLearningRun(cfg, tmp_path / "run", scorer=scorer).run()
+    rd = RunDir(tmp_path / "run")
+    d = rd.round_dir(0) / "self_training"
+    line = metrics[0]["self_training"]
+    if not distilled:
+        assert digest(rd.adapter_dir(0)) == digest(rd.round_dir(0) / "teacher")
+        assert not (d / "0" / "student").exists() and not (d / "1").exists()
+        reason = json.loads((d / "0" / "metrics.json").read_text())["skipped"]
+        assert reason == "all 34 pseudo-labels are 'true': the teacher has only the class prior to teach"
+        assert (line["sessions"], line["skipped_sessions"], line["gold_loss"]) == (1, 1, [None])
+    else:
+        assert digest(rd.adapter_dir(0)) != digest(rd.round_dir(0) / "teacher")
+        assert (d / "1" / "student" / "adapter_config.json").is_file()
+        assert (line["sessions"], line["skipped_sessions"]) == (2, 0)
