@@ -59,7 +59,7 @@ def test_custom_task_answer_field_cannot_be_an_input():
 
 def test_train_preset_paper_and_explicit_keys_over_it():
     small = load_config(None, [])
-    assert (small.train.epochs, small.train.lr, small.train.min_steps, small.train.warm_start) == (1, 3e-3, 32, True)
+    assert (small.train.epochs, small.train.lr, small.train.min_steps, small.train.warm_start) == (1, 1e-3, 32, True)
     cfg = load_config(None, ["train.preset=paper"])
     assert (cfg.train.epochs, cfg.train.lr, cfg.train.batch_size, cfg.train.min_steps) == (3, 1.5e-4, 8, 0)
     assert (cfg.train.warm_start, cfg.train.warmup_ratio, cfg.train.loss) == (False, 0.0, "lm")
