@@ -270,7 +270,7 @@ class LoraRecipe:
         epochs = self.cfg.epochs_for(n)
         engine = self._setup_engine(model, epochs * steps_per_epoch)
         setup_s = time.perf_counter() - t0
-        epoch_losses, seen, t_train = [], 0, time.perf_counter()
+        epoch_losses, step_losses, seen, t_train = [], [], 0, time.perf_counter()
         warm_seen, t_warm = 0, None  # steady state: everything after the first step
         for epoch in range(epochs):
             engine.train()
@@ -281,7 +281,8 @@ class LoraRecipe:
                 loss = batch_loss(engine, batch, self.cfg.label_smoothing, self.label_ids)
                 engine.backward(loss)
                 engine.step()
-                total += loss.item()
+                step_losses.append(loss.item())
+                total += step_losses[-1]
                 seen += len(idx)
                 self.step_done(epoch * steps_per_epoch + j + 1, epochs * steps_per_epoch, loss.item())
                 if t_warm is None:
@@ -293,8 +294,12 @@ class LoraRecipe:
         t_end = time.perf_counter()
         train_s = t_end - t_train
         steady_s = t_end - t_warm if t_warm is not None else 0.0
+        # Every step's loss, averaged over the ranks (one collective at the end): a spike shows here, where
+        # an epoch's mean can hide it.
+        step_loss = self._sum_tensor_across_ranks(torch.tensor(step_losses, dtype=torch.float64)) / self.world
         metrics = {
             "epoch_loss": epoch_losses,
+            "step_loss": step_loss.tolist(),
             "examples": n,
             "steps": epochs * steps_per_epoch,
             "world_size": self.world,
@@ -400,6 +405,7 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
     trainable = [p for p in model.parameters() if p.requires_grad]
     setup_s = time.perf_counter() - t0
     seen, warm_seen, t_warm, losses, t_train = 0, 0, None, [], time.perf_counter()
+    steps: dict[str, list[float]] = {"step_loss": [], "step_lr": [], "step_grad_norm": []}  # a spike shows here
     from tqdm.auto import tqdm
 
     bar = tqdm(total=epochs * steps_per_epoch, desc="training", unit="step", leave=False)
@@ -411,10 +417,13 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
             loss = batch_loss(model, batch, cfg.label_smoothing, label_ids)
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            steps["step_lr"].append(sched.get_last_lr()[0])
             opt.step()
             sched.step()
-            total += loss.item()
+            steps["step_loss"].append(loss.item())
+            steps["step_grad_norm"].append(norm.item())
+            total += steps["step_loss"][-1]
             seen += len(idx)
             if t_warm is None:
                 t_warm, warm_seen = time.perf_counter(), seen
@@ -426,7 +435,7 @@ def train_in_process(loop: LoopConfig, rows: list[dict], out_dir: str) -> dict:
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return {
-        "epoch_loss": losses, "examples": len(data), "steps": epochs * steps_per_epoch, "world_size": 1,
+        "epoch_loss": losses, **steps, "examples": len(data), "steps": epochs * steps_per_epoch, "world_size": 1,
         "setup_s": setup_s, "train_s": t_end - t_train,
         "examples_per_s": seen / (t_end - t_train) if t_end > t_train else 0.0,
         "steady_examples_per_s": (seen - warm_seen) / (t_end - t_warm) if t_warm and t_end > t_warm else 0.0,

@@ -279,7 +279,7 @@ class ActiveLearningRun:
     def _training(self, k: int) -> None:
         """Constraint-LoRA training on the gold labels; with self_training.enabled that adapter is the
         teacher of LiST sessions (pipeline.self_training) and the round's adapter is the last student."""
-        table = self._training_table()
+        table = self.training_table()
         if not self.cfg.self_training.enabled:
             self._train_gold(k, table, self.run_dir.adapter_dir(k))
             return
@@ -357,7 +357,7 @@ class ActiveLearningRun:
 
         return read_adapter_state(self.run_dir.adapter_dir(k))
 
-    def _training_table(self) -> pa.Table:
+    def training_table(self) -> pa.Table:
         """Labelled rows joined with their prompts. Oracle labels train on the pool's target text; a human's
         label becomes the target the task builds from it."""
         labeled = self.run_dir.read_labeled()

@@ -109,3 +109,29 @@ def test_distillation_trains_a_teacher_then_a_fresh_student_per_step_count(tiny_
         assert s["student_loss"] >= 0 and s["gold_loss"] >= 0
     # 3 steps with a 0.5 warm-up take 1 meta re-weighted step; the two students are different adapters
     assert run["students"][0]["student_loss"] != run["students"][1]["student_loss"]
+
+
+def test_replay_round_gives_the_rounds_own_step_losses_and_changes_only_training(ray_local, tiny_model_dir, tmp_path, capsys):
+    """Replaying round 1 with the run's own settings repeats its training step for step (warm start from
+    round 0's adapter, the same rows and seed); another lr changes the steps; a non-training key is refused."""
+    from benchmarks import replay_round
+    from pipeline.config import ConfigError
+    from pipeline.loop import ActiveLearningRun
+
+    cfg = tiny_config(tiny_model_dir, al={"strategy": "random", "initial_size": 6, "batch_size": 5, "rounds": 2,
+                                          "evaluate_base": False},
+                      train={"backend": "local", "batch_size": 4, "min_steps": 3})
+    run = ActiveLearningRun(cfg, tmp_path / "run")
+    try:
+        run.run()
+    finally:
+        run.close()
+    own = json.loads((tmp_path / "run" / "rounds" / "1" / "train_metrics.json").read_text())
+    assert len(own["step_loss"]) == len(own["step_lr"]) == len(own["step_grad_norm"]) == own["steps"] == 3
+    out = replay_round.main([str(tmp_path / "run"), "--round", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert out["warm_start"] and out["rows"] == 11 and out["step_loss"] == own["step_loss"]
+    other = replay_round.main([str(tmp_path / "run"), "--round", "1", "--set", "train.lr=0.05"])
+    assert other["step_loss"][0] == own["step_loss"][0] and other["step_loss"][1:] != own["step_loss"][1:]
+    with pytest.raises(ConfigError, match="only train.* and lora.dropout can change"):
+        replay_round.main([str(tmp_path / "run"), "--round", "1", "--set", "al.batch_size=2"])
