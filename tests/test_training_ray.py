@@ -44,6 +44,8 @@ def test_training_lowers_loss_and_the_adapter_round_trips_and_broadcasts(ray_loc
         assert len(losses) == 6 and all(b < a + 0.05 for a, b in zip(losses, losses[1:])), losses
         assert losses[0] - losses[-1] > 0.5, losses  # nats; the first epoch starts near ln(vocab)
         assert result.metrics["world_size"] == 1 and result.metrics["examples"] == 24
+        steps = result.metrics["step_loss"]  # 3 steps an epoch; their mean is the epoch's loss
+        assert [sum(steps[3 * e: 3 * e + 3]) / 3 for e in range(6)] == pytest.approx(losses, abs=1e-9)
 
         # A plain PEFT load of the saved dir gives exactly the weights that were broadcast.
         peft = PeftModel.from_pretrained(load_model(tiny_model_dir, cfg.model, device=torch.device("cpu")), str(result.adapter_dir))
@@ -72,6 +74,9 @@ def test_two_workers_produce_one_adapter(ray_local, tiny_model_dir, labeled, tmp
     cfg = tiny_config(tiny_model_dir, train={"epochs": 1, "lr": 1e-3, "batch_size": 8, "zero_stage": stage})
     result = _fit(cfg, tiny_model_dir, labeled, tmp_path / "adapter", ray_local, workers=2)
     assert result.metrics["world_size"] == 2
+    steps = result.metrics["step_loss"]  # averaged over both ranks: their mean is the epoch's loss
+    assert len(steps) == result.metrics["steps"] == 3
+    assert sum(steps) / 3 == pytest.approx(result.metrics["epoch_loss"][0], abs=1e-9)
     assert sorted(p.name for p in result.adapter_dir.iterdir()) == ["README.md", "adapter_config.json", ADAPTER_FILE]
     assert any(v.abs().sum() > 0 for k, v in result.state.items() if "lora_B" in k)  # gathered, not empty shards
     assert all(v.numel() > 0 for v in result.state.values())
