@@ -40,7 +40,7 @@ def replay_config(run, overrides: list[str]):
     for o in overrides:
         key = o.partition("=")[0].strip()
         if not (key.startswith("train.") or key == "lora.dropout"):
-            raise ConfigError(f"replay_round: --set {key}: only train.* and lora.dropout can change in a replay")
+            raise ConfigError(f"--set {key}: only train.* and lora.dropout can change in a replay")
     return from_dict(Config, apply_overrides(to_dict(run.cfg), overrides))
 
 
@@ -72,4 +72,15 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from pipeline.errors import BAD_INPUT, describe
+
+    try:
+        main()
+    except Exception as e:  # bad input (a path that is no run, a key that is not training's) is one line
+        message, code = describe(e)
+        if code != BAD_INPUT:
+            raise
+        print(f"replay_round: error: {message}", file=sys.stderr)
+        sys.exit(2)
