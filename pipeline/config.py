@@ -300,6 +300,13 @@ class SelfTrainingConfig:
     # a student distilled from it starts the gold fine-tune from that prior (on the demo such a round ended
     # at 0.42, the base model's accuracy). Such a session is skipped and the teacher stays the adapter.
     skip_one_class: bool = True
+    # Beyond LiST: a teacher whose pseudo-labels say almost nothing about their rows is skipped the same way.
+    # What they say is the mutual information I(x; y) = H(mean p) - mean H(p) of the teacher's soft labels
+    # p, as a share of ln K (the most a K-class label can carry). It is 0 when every row gets the same
+    # distribution, unsure (0.5/0.5) or sure of one class, and 1 when every row gets a sure, balanced
+    # answer. On the demo an unsure teacher (mean confidence 0.51, 0.02% of ln 2) was distilled into a
+    # student that ended the round at the class prior; a useful one (0.96) carried 86%.
+    min_teacher_information: Optional[float] = 0.01
 
     def __post_init__(self):
         _require(self.preset is None or self.preset in self.PRESETS,
@@ -313,6 +320,8 @@ class SelfTrainingConfig:
         _require(self.meta_lr > 0, f"self_training.meta_lr should be positive, got {self.meta_lr}")
         _require(self.min_confidence is None or 0.0 <= self.min_confidence < 1.0,
                  f"self_training.min_confidence should be in [0, 1), got {self.min_confidence}")
+        _require(self.min_teacher_information is None or 0.0 <= self.min_teacher_information < 1.0,
+                 f"self_training.min_teacher_information should be in [0, 1) or null, got {self.min_teacher_information}")
 
 
 # Ray's longest socket path under its temp dir is "/session_<date>_<time>_<usec>_<pid>/sockets/plasma_store"

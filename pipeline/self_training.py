@@ -10,9 +10,11 @@ The round's gold-trained adapter is the first teacher. Each session s:
   4. it becomes the next session's teacher.
 The round's adapter (rounds/k/adapter, what scores and evaluates) is the last session's.
 
-Beyond LiST (self_training.skip_one_class, on by default): when every pseudo-label is the same class,
-the session is skipped, its adapter is the teacher itself, and so are the later sessions' (they would
-see the same teacher), so a teacher stuck at the class prior is not distilled into a fresh student.
+Beyond LiST (self_training.skip_one_class and min_teacher_information, both on by default): when every
+pseudo-label is the same class, or the teacher's soft labels carry almost no information about their rows
+(teacher_information), the session is skipped, its adapter is the teacher itself, and so are the later
+sessions' (they would see the same teacher), so a teacher with only the class prior to teach is not
+distilled into a fresh student.
 
     RUN/rounds/k/teacher/                      the gold-trained adapter (session 0's teacher)
     RUN/rounds/k/self_training/s/pseudo.parquet   example_id, source="pseudo", probs, confidence,
@@ -103,8 +105,9 @@ class RoundSelfTraining:
             write_parquet(pseudo_file, self._pseudo_label(read_adapter_state(teacher)))
             times["pseudo_label_s"] = time.perf_counter() - t0
         pseudo = read_parquet(pseudo_file)
-        if self.cfg.self_training.skip_one_class and pc.count_distinct(pseudo.column("pseudo_label")).as_py() == 1:
-            self._skip(s, teacher, pseudo, times)
+        reason = self._skip_reason(pseudo)
+        if reason:
+            self._skip(s, teacher, pseudo, times, reason)
             return
         student = d / "student"
         if not (student / ADAPTER_FILE).is_file():
@@ -129,11 +132,26 @@ class RoundSelfTraining:
         # The adapter dir last, by rename: its existence marks the session done (metrics.json is in place).
         os.replace(d / "adapter.tmp", d / "adapter")
 
-    def _skip(self, s: int, teacher: Path, pseudo: pa.Table, times: dict) -> None:
-        """self_training.skip_one_class: the teacher labels every row alike, so there is nothing but the
-        class prior to distil. The session's adapter is the teacher itself; no student is trained."""
-        d, label = self.session_dir(s), pseudo.column("pseudo_label")[0].as_py()
-        reason = f"all {pseudo.num_rows} pseudo-labels are {label!r}: the teacher has only the class prior to teach"
+    def _skip_reason(self, pseudo: pa.Table) -> Optional[str]:
+        """Why this session's teacher has nothing but the class prior to teach (None: it has more). Reads
+        only the stored pseudo-labels, so a resumed session decides as the killed one did."""
+        st = self.cfg.self_training
+        if pseudo.num_rows == 0:
+            return None  # _train_student says why there is nothing to train on
+        if st.skip_one_class and pc.count_distinct(pseudo.column("pseudo_label")).as_py() == 1:
+            label = pseudo.column("pseudo_label")[0].as_py()
+            return f"all {pseudo.num_rows} pseudo-labels are {label!r}: the teacher has only the class prior to teach"
+        info = teacher_information(_probs(pseudo))
+        if st.min_teacher_information is not None and info < st.min_teacher_information:
+            return (f"the teacher's pseudo-labels carry {info:.2%} of the information a label can "
+                    f"(self_training.min_teacher_information {st.min_teacher_information:.2%}): its soft labels "
+                    f"are nearly the same for every row (mean confidence {_mean_confidence(pseudo):.2f})")
+        return None
+
+    def _skip(self, s: int, teacher: Path, pseudo: pa.Table, times: dict, reason: str) -> None:
+        """The teacher has nothing but the class prior to distil (_skip_reason). The session's adapter is
+        the teacher itself; no student is trained."""
+        d = self.session_dir(s)
         log.info("round %d, self-training session %d skipped: %s", self.k, s, reason)
         write_json(d / "metrics.json", {**_pseudo_summary(s, pseudo), "skipped": reason, "reweighted_rows": 0,
                                         "zero_weight_rows": 0, "student_loss": None, "student_steps": 0,
@@ -190,9 +208,32 @@ class RoundSelfTraining:
                              storage_path=str(self.run.run_dir.path / "ray_train"), name=f"round-{self.k}-gold-{s}")
 
 
+def teacher_information(probs: np.ndarray) -> float:
+    """How much a teacher's soft labels say about their rows: the mutual information between row and label,
+    I = H(mean p) - mean H(p), over ln K, in [0, 1]. 0: every row gets the same distribution (the class
+    prior, however sure); 1: every row gets a sure answer and the answers are balanced."""
+    p = np.asarray(probs, dtype=np.float64)
+    p = p / p.sum(axis=1, keepdims=True)
+
+    def entropy(q: np.ndarray) -> np.ndarray:
+        return -np.sum(np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0), axis=-1)
+
+    return float(max(entropy(p.mean(axis=0)) - entropy(p).mean(), 0.0) / np.log(p.shape[1]))
+
+
+def _probs(pseudo: pa.Table) -> np.ndarray:
+    return np.array(pseudo.column("probs").to_pylist(), dtype=np.float64)
+
+
+def _mean_confidence(pseudo: pa.Table) -> float:
+    return float(np.mean(pseudo.column("confidence").to_numpy()))
+
+
 def _pseudo_summary(s: int, pseudo: pa.Table) -> dict:
-    """A session's pseudo-labels in its metrics.json: how many, per class, and the teacher's mean confidence."""
+    """A session's pseudo-labels in its metrics.json: how many, per class, the teacher's mean confidence
+    and the information its soft labels carry (teacher_information)."""
     labels = pseudo.column("pseudo_label").to_pylist()
     return {"session": s, "pseudo_rows": pseudo.num_rows,
             "pseudo_labels": {str(l): int(c) for l, c in zip(*np.unique(labels, return_counts=True))} if labels else {},
-            "mean_confidence": float(np.mean(pseudo.column("confidence").to_numpy())) if labels else None}
+            "mean_confidence": _mean_confidence(pseudo) if labels else None,
+            "teacher_information": teacher_information(_probs(pseudo)) if labels else None}

@@ -11,6 +11,7 @@ from actors.scorer import left_pad, positions, verbalizer_token_ids
 from actors.self_training import PseudoData, kl_per_example, meta_gradient, meta_weights, student_batches
 from actors.trainer import IGNORE, collate, encode_example, label_word_logits, verbalizer_loss
 from pipeline.config import Config, ConfigError, LoraConfig, ModelConfig, from_dict
+from pipeline.self_training import teacher_information
 
 from conftest import build_tokenizer, trained_like_adapter
 
@@ -148,6 +149,26 @@ def _cfg(**sections):
     return from_dict(Config, base)
 
 
+@pytest.mark.parametrize("probs, expected", [
+    ([[1.0, 0.0], [0.0, 1.0]], 1.0),  # sure and balanced: one full label's information
+    ([[0.5, 0.5], [0.5, 0.5]], 0.0),  # unsure of every row
+    ([[0.9, 0.1], [0.9, 0.1], [0.9, 0.1]], 0.0),  # the same answer everywhere, however sure: the prior
+    ([[0.51, 0.49], [0.49, 0.51]], None),  # nearly unsure: by hand below
+    ([[0.9, 0.1], [0.1, 0.9]], None),
+    ([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]], 0.5),  # sure, but 2 of 4 classes: ln 2 of ln 4
+])
+def test_teacher_information_by_hand(probs, expected):
+    def h(q):
+        return -sum(x * math.log(x) for x in q if x > 0)
+
+    if expected is None:  # I = H(mean p) - mean H(p), over ln K
+        k = len(probs[0])
+        mean = [sum(p[j] for p in probs) / len(probs) for j in range(k)]
+        expected = (h(mean) - sum(h(p) for p in probs) / len(probs)) / math.log(k)
+    assert teacher_information(probs) == pytest.approx(expected, abs=1e-12)
+    assert teacher_information([[2 * x for x in p] for p in probs]) == pytest.approx(expected, abs=1e-12)  # unnormalised
+
+
 @pytest.mark.parametrize("sections, message", [
     ({"task": {"name": "gsm8k"}}, "self_training.enabled needs a verbalizer task"),
     ({"train": {"zero_stage": 3}}, "self_training.enabled needs train.zero_stage 2"),
@@ -160,6 +181,8 @@ def _cfg(**sections):
     ({"self_training": {"min_confidence": 1.0}}, r"self_training.min_confidence should be in \[0, 1\)"),
     ({"self_training": {"preset": "huge"}}, "self_training.preset should be one of"),
     ({"self_training": {"skip_one_class": "sometimes"}}, "self_training.skip_one_class"),
+    ({"self_training": {"min_teacher_information": 1.0}}, r"self_training.min_teacher_information should be in \[0, 1\) or null"),
+    ({"self_training": {"min_teacher_information": -0.1}}, r"self_training.min_teacher_information should be in \[0, 1\) or null"),
     ({"self_training": {"session": 2}}, "unknown config key 'self_training.session'"),
     ({"train": {"loss": "verbalizer"}, "task": {"name": "gsm8k"}, "self_training": {"enabled": False}},
      "train.loss verbalizer needs a verbalizer task"),
@@ -173,7 +196,7 @@ def test_self_training_defaults_are_the_authors_and_the_small_preset_applies():
     st = _cfg().self_training
     assert (st.sessions, st.steps, st.warmup_fraction, st.batch_size, st.meta_batch, st.lr, st.meta_lr, st.min_confidence) == \
         (6, 1000, 0.6, 16, 4, 1e-4, 5e-6, None)
-    assert st.skip_one_class  # deft's own guard, beyond LiST
+    assert st.skip_one_class and st.min_teacher_information == 0.01  # deft's own guards, beyond LiST
     small = _cfg(self_training={"preset": "small", "sessions": 3}).self_training
     assert small.sessions == 3 and small.steps == from_dict(type(st), {"preset": "small"}).steps < 1000
     assert _cfg().train.loss == "lm" and _cfg(train={"preset": "paper", "loss": "verbalizer"}).train.loss == "verbalizer"

@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io import read_parquet
-from pipeline.loop import ActiveLearningRun
+from pipeline.loop import ActiveLearningRun, round_summary
 from pipeline.run_dir import RunDir
 from pipeline.scoring import PoolScorer
-from pipeline.self_training import RoundSelfTraining
+from pipeline.self_training import RoundSelfTraining, teacher_information
 
 from conftest import tiny_config
 
@@ -26,10 +26,11 @@ def config(model_dir, **st):
         model_dir,
         al={"strategy": "star", "initial_size": 6, "batch_size": 5, "rounds": 2, "evaluate_base": False, "eval_limit": 10},
         train={"epochs": 2, "lr": 3e-3, "batch_size": 4, "backend": "local"},
-        # skip_one_class off: the tiny random teacher labels every row alike, and these tests are about
-        # the distillation itself (the guard has its own test below)
+        # the guards off: the tiny random teacher labels every row alike and unsure, and these tests are
+        # about the distillation itself (the guards have their own test below)
         self_training={"enabled": True, "sessions": 2, "steps": 4, "warmup_fraction": 0.5, "batch_size": 4,
-                       "meta_batch": 2, "lr": 1e-3, "meta_lr": 1e-2, "skip_one_class": False, **st},
+                       "meta_batch": 2, "lr": 1e-3, "meta_lr": 1e-2, "skip_one_class": False,
+                       "min_teacher_information": None, **st},
     )
 
 
@@ -144,39 +145,53 @@ def test_min_confidence_filters_the_pseudo_labels(tiny_model_dir, scorer, refere
     assert min(pseudo.column("confidence").to_pylist()) >= threshold
 
 
-@pytest.mark.parametrize("classes, skip, distilled", [
-    (["true"], True, False), (["true"], False, True), (["true", "false"], True, True)])
-def test_a_one_class_teacher_is_not_distilled_unless_asked(tiny_model_dir, scorer, tmp_path, monkeypatch,
-                                                           classes, skip, distilled):
-    """self_training.skip_one_class (beyond LiST, on by default): a teacher that labels every row alike has
-    only the class prior to teach. Its session is skipped, the teacher stays the round's adapter, and the
-    later sessions (which would see the same teacher) do not run. Off, or with two classes, the student
-    is trained."""
+@pytest.mark.parametrize("classes, sure, guards, skipped", [
+    (["true"], 0.9, True, "all 34 pseudo-labels are 'true': the teacher has only the class prior to teach"),
+    (["true"], 0.9, False, None),
+    (["true", "false"], 0.9, True, None),
+    (["true", "false"], 0.51, True,
+     "the teacher's pseudo-labels carry 0.03% of the information a label can (self_training.min_teacher_information "
+     "1.00%): its soft labels are nearly the same for every row (mean confidence 0.51)"),
+    (["true", "false"], 0.51, False, None),
+])
+def test_a_teacher_with_only_the_prior_to_teach_is_not_distilled_unless_asked(
+        tiny_model_dir, scorer, tmp_path, monkeypatch, classes, sure, guards, skipped):
+    """Beyond LiST, on by default: a teacher that labels every row alike (skip_one_class), or whose soft
+    labels are nearly the same for every row (min_teacher_information), has only the class prior to teach.
+    Its session is skipped, the teacher stays the round's adapter, and the later sessions (which would
+    see the same teacher) do not run. With the guards off, or a teacher that tells rows apart, the
+    student is trained."""
     original = RoundSelfTraining._pseudo_label
 
-    def sure_of(self, teacher_state):  # the real teacher's rows, each made a sure vote for its class
+    def teacher(self, teacher_state):  # the real teacher's rows, each made a vote of `sure` for its class
         t = original(self, teacher_state)
         n = t.num_rows
         labels = [classes[i % len(classes)] for i in range(n)]
-        probs = [[0.9, 0.1] if label == "true" else [0.1, 0.9] for label in labels]
+        probs = [[sure, 1 - sure] if label == "true" else [1 - sure, sure] for label in labels]
         return t.set_column(2, "probs", pa.array(probs, t.schema.field("probs").type)) \
-                .set_column(3, "confidence", pa.array([0.9] * n, t.schema.field("confidence").type)) \
+                .set_column(3, "confidence", pa.array([sure] * n, t.schema.field("confidence").type)) \
                 .set_column(4, "pseudo_label", pa.array(labels))
 
-    monkeypatch.setattr(RoundSelfTraining, "_pseudo_label", sure_of)
-    cfg = config(tiny_model_dir, skip_one_class=skip)
+    monkeypatch.setattr(RoundSelfTraining, "_pseudo_label", teacher)
+    cfg = config(tiny_model_dir, skip_one_class=guards, min_teacher_information=0.01 if guards else None)
     cfg.al.rounds = 1
     metrics = ActiveLearningRun(cfg, tmp_path / "run", scorer=scorer).run()
     rd = RunDir(tmp_path / "run")
     d = rd.round_dir(0) / "self_training"
     line = metrics[0]["self_training"]
-    if not distilled:
+    session = json.loads((d / "0" / "metrics.json").read_text())
+    assert session["teacher_information"] == pytest.approx(teacher_information(
+        [[sure, 1 - sure] if i % len(classes) == 0 else [1 - sure, sure] for i in range(34)]))
+    assert line["teacher_information"][0] == session["teacher_information"]
+    if skipped:
         assert digest(rd.adapter_dir(0)) == digest(rd.round_dir(0) / "teacher")
         assert not (d / "0" / "student").exists() and not (d / "1").exists()
-        reason = json.loads((d / "0" / "metrics.json").read_text())["skipped"]
-        assert reason == "all 34 pseudo-labels are 'true': the teacher has only the class prior to teach"
+        assert session["skipped"] == skipped
         assert (line["sessions"], line["skipped_sessions"], line["gold_loss"]) == (1, 1, [None])
+        assert "self-training 1 session, 1 skipped in " in round_summary(rd, 0)  # the console says so
     else:
+        assert "skipped" not in session
         assert digest(rd.adapter_dir(0)) != digest(rd.round_dir(0) / "teacher")
         assert (d / "1" / "student" / "adapter_config.json").is_file()
         assert (line["sessions"], line["skipped_sessions"]) == (2, 0)
+        assert "self-training 2 sessions in " in round_summary(rd, 0)
