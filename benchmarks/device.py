@@ -6,8 +6,9 @@ are left out (well under 1% at r 64 on a 7B model), so MFU is slightly understat
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
+
+from cluster.runtime import cpu_name  # noqa: F401  (benchmarks name the CPU in their output)
 
 # Dense (no sparsity) peak TFLOPS per GPU from the vendors' datasheets; matched by substring, first match
 # wins, so the more specific names come first. fp32 is the non-tensor-core rate (PyTorch does not use TF32
@@ -22,18 +23,6 @@ PEAK_TFLOPS = [
     ("L4", {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3}),
     ("A10", {"bf16": 125.0, "fp16": 125.0, "fp32": 31.2}),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def gpu_name() -> Optional[str]:

@@ -118,6 +118,36 @@ def logs_dir() -> Optional[str]:
     return node.get_logs_dir_path() if ray.is_initialized() and node is not None else None
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """What a result was computed on: this process's CPU and cores, and the GPUs and nodes of the Ray cluster
+    it is connected to. Results differ between machines (the same seed and code learned on an Intel Xeon
+    and fell to the class prior on an AMD EPYC), so every round's metrics line names it."""
+    import ray
+
+    name = f"{cpu_name()}, {os.cpu_count()} cores"
+    if not ray.is_initialized():
+        return name
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    kinds = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
+    if gpus:
+        name += f"; {gpus} GPU{'s' if gpus > 1 else ''}" + (f" ({', '.join(kinds)})" if kinds else "")
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return name + (f"; {nodes} Ray nodes" if nodes > 1 else "")
+
+
 def shutdown() -> None:
     import ray
 

@@ -249,9 +249,24 @@ def summarize(out: Path, strategies: list[str], seeds: list[int]) -> dict:
         # Part of training_s: LiST's pseudo-labelling, student and gold fine-tunes, summed over rounds.
         phases[s]["self_training_s"] = _mean_sd([sum((m.get("self_training") or {}).get("seconds", 0.0)
                                                      for m in rd.read_metrics()) for rd in runs])["mean"]
-    summary = {"strategies": strategies, "seeds": seeds, "curves": curves, "aulc": aulcs, "phase_s": phases}
+    summary = {"strategies": strategies, "seeds": seeds, "curves": curves, "aulc": aulcs, "phase_s": phases,
+               "machines": _machines(out, strategies, seeds)}
     summary.update(_label_saving(curves))
     return summary
+
+
+def _machines(out: Path, strategies: list[str], seeds: list[int]) -> dict[str, list[str]]:
+    """Each machine the comparison's rounds were computed on (cluster.runtime.machine), with the runs that
+    used it: a comparison resumed elsewhere, or whose arms ran on different CPUs, says so."""
+    used: dict[str, list[str]] = {}
+    for s in strategies:
+        for seed in seeds:
+            name = run_dir_name(s, seed)
+            for m in RunDir(out / name).read_metrics():
+                runs = used.setdefault(m.get("machine") or "not recorded", [])
+                if name not in runs:
+                    runs.append(name)
+    return used
 
 
 def _label_saving(curves: dict[str, list[dict]]) -> dict:
@@ -299,6 +314,7 @@ def render_markdown(summary: dict) -> str:
         return rows
 
     lines = [f"# deft compare: {', '.join(strategies)} over seeds {', '.join(map(str, seeds))}", "",
+             _machines_line(summary.get("machines") or {}), "",
              "Mean ± sd over seeds (0 labels: the base model).", "", "## Accuracy", "", *table("accuracy"),
              "", "## ECE", "", *table("ece"), "", "## Area under the learning curve", "",
              "| strategy | AULC |", "|---|---:|"]
@@ -329,6 +345,13 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machines_line(machines: dict[str, list[str]]) -> str:
+    if len(machines) <= 1:
+        return f"Computed on: {next(iter(machines), 'no round yet')}."
+    return ("Computed on more than one machine, and results differ between machines: "
+            + "; ".join(f"{m} ({', '.join(runs)})" for m, runs in machines.items()) + ".")
+
+
 def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
     """The console view: mean accuracy per label count and strategy, AULC, label saving."""
     strategies = summary["strategies"]
@@ -336,6 +359,7 @@ def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
     by = {s: {p["labels"]: p["accuracy"] for p in summary["curves"][s]} for s in strategies}
     width = max(15, *(len(s) + 2 for s in strategies))
     echo("accuracy, mean ± sd over seeds " + ", ".join(map(str, summary["seeds"])))
+    echo(_machines_line(summary.get("machines") or {}))
     echo(f"{'labels':>6} " + "".join(f"{s:>{width}}" for s in strategies))
     for x in labels:
         echo(f"{x:>6} " + "".join(f"{_pm(by[s][x]) if x in by[s] else '—':>{width}}" for s in strategies))

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cluster.runtime import machine
 from pipeline.config import Config, ConfigError, resume_config, resume_hint
 from pipeline.data import DataError, Pool, eval_split_from_config, pool_from_config
 from pipeline.evaluation import evaluate
@@ -324,6 +325,7 @@ class ActiveLearningRun:
             **({"self_training": _self_training_line(train["self_training"])} if "self_training" in train else {}),
             "timings": {**_read_json(self.run_dir.round_dir(k) / "timings.json"),
                         "train_fit_s": train.get("fit_s"), "train_overhead_s": train.get("overhead_s")},
+            "machine": machine(),
         }
         self.run_dir.put_metrics(line)
 
@@ -427,6 +429,10 @@ def round_summary(run_dir: RunDir, k: int) -> str:
     acc = f"accuracy {line['accuracy']:.3f}, ECE {line['ece']:.3f}" if line.get("accuracy") is not None else "not evaluated"
     t = _read_json(run_dir.round_dir(k) / "timings.json")
     times = ", ".join(f"{p} {t[f'{p}_s']:.0f}s" for p in ("scoring", "training", "evaluating") if t.get(f"{p}_s") is not None)
+    st = line.get("self_training")
+    if st:  # LiST: how many sessions ran, and how many were skipped for a teacher with only the prior to teach
+        skipped = f", {st['skipped_sessions']} skipped" if st.get("skipped_sessions") else ""
+        times += f"; self-training {st['sessions']} session{'s' if st['sessions'] != 1 else ''}{skipped} in {st['seconds']:.0f}s"
     return f"round {k}: {line.get('labels', '?')} labels, {acc} ({times})"
 
 
@@ -493,7 +499,8 @@ def _self_training_line(summary: dict) -> dict:
         "student_loss": [s["student_loss"] for s in sessions],
         "gold_loss": [s["gold_loss"] for s in sessions],
         "zero_weight_rows": [s["zero_weight_rows"] for s in sessions],
-        "skipped_sessions": sum(1 for s in sessions if s.get("skipped")),  # self_training.skip_one_class
+        "teacher_information": [s.get("teacher_information") for s in sessions],
+        "skipped_sessions": sum(1 for s in sessions if s.get("skipped")),  # pipeline.self_training._skip_reason
         "seconds": round(sum(s.get(k, 0.0) for s in sessions for k in ("pseudo_label_s", "student_s", "gold_s")), 3),
     }
 

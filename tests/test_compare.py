@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from pipeline.cli import main as deft
-from pipeline.compare import labels_to_reach, summarize, _label_saving
+from cluster.runtime import machine
+from pipeline.compare import labels_to_reach, render_markdown, summarize, _label_saving
 from pipeline.config import to_dict
 from pipeline.loop import ActiveLearningRun
 from pipeline.report import aulc, curve_points
@@ -109,6 +110,16 @@ def test_compare_runs_every_strategy_and_seed_and_resumes(tiny_model_dir, ray_lo
     redo = json.loads(again[-1])
     assert {k: v for k, v in redo.items() if k != "wall_s"} == {k: v for k, v in summary.items() if k != "wall_s"}
     assert summarize(out, ["random", "bald", "star"], [0, 1])["aulc"] == summary["aulc"]
+
+    # The machine every round ran on is named; a comparison computed on two machines says which ran where.
+    names = [f"{s}-seed{seed}" for s in ("random", "bald", "star") for seed in (0, 1)]
+    assert summary["machines"] == {machine(): names} and f"Computed on: {machine()}." in md
+    elsewhere = RunDir(out / "bald-seed1")
+    elsewhere.put_metrics({**elsewhere.read_metrics()[-1], "machine": "Intel Xeon, 2 cores"})
+    two = summarize(out, ["random", "bald", "star"], [0, 1])
+    assert two["machines"] == {machine(): names, "Intel Xeon, 2 cores": ["bald-seed1"]}
+    assert render_markdown(two).splitlines()[2] == (f"Computed on more than one machine, and results differ between "
+                                                   f"machines: {machine()} ({', '.join(names)}); Intel Xeon, 2 cores (bald-seed1).")
 
 
 def test_compare_refuses_a_run_of_another_config(tiny_model_dir, ray_local, tmp_path, capsys):
