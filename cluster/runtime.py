@@ -120,9 +120,10 @@ def logs_dir() -> Optional[str]:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     import platform
@@ -130,22 +131,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def machine() -> str:
-    """What a result was computed on: this process's CPU and cores, and the GPUs and nodes of the Ray cluster
-    it is connected to. Results differ between machines (the same seed and code learned on an Intel Xeon
-    and fell to the class prior on an AMD EPYC), so every round's metrics line names it."""
+    """What a result was computed on: the driver's CPU and usable cores, and the GPU types of the Ray cluster
+    it is connected to (types, not counts, which an autoscaler changes between rounds). Results can differ
+    between machines (the same seed and code learned on an Intel Xeon and fell to the class prior on an AMD
+    EPYC), so every round's metrics line names it."""
     import ray
 
-    name = f"{cpu_name()}, {os.cpu_count()} cores"
+    name = f"{cpu_name()}, {usable_cores()} cores"
     if not ray.is_initialized():
         return name
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    try:
+        resources = ray.cluster_resources()
+    except Exception as e:  # a GCS hiccup must not fail a round that has been evaluated; the name is a note
+        log.debug("cluster resources unavailable for the machine name: %s", e)
+        return name
     kinds = sorted(k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:"))
-    if gpus:
-        name += f"; {gpus} GPU{'s' if gpus > 1 else ''}" + (f" ({', '.join(kinds)})" if kinds else "")
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return name + (f"; {nodes} Ray nodes" if nodes > 1 else "")
+    if kinds:
+        return f"{name}; GPUs: {', '.join(kinds)}"
+    return f"{name}; GPUs" if resources.get("GPU") else name
 
 
 def shutdown() -> None:

@@ -41,6 +41,7 @@ PHASE_TIMES = [f"{p}_s" for p in PHASES[:-1]]
 
 
 SELF_TRAINING_SUFFIX = "+st"
+UNRECORDED = "not recorded"  # a metrics line written before deft named the machine (compare.json's key)
 
 
 def run_config(cfg: Config, strategy: str, seed: int) -> Config:
@@ -263,7 +264,7 @@ def _machines(out: Path, strategies: list[str], seeds: list[int]) -> dict[str, l
         for seed in seeds:
             name = run_dir_name(s, seed)
             for m in RunDir(out / name).read_metrics():
-                runs = used.setdefault(m.get("machine") or "not recorded", [])
+                runs = used.setdefault(m.get("machine") or UNRECORDED, [])
                 if name not in runs:
                     runs.append(name)
     return used
@@ -346,10 +347,15 @@ def render_markdown(summary: dict) -> str:
 
 
 def _machines_line(machines: dict[str, list[str]]) -> str:
-    if len(machines) <= 1:
-        return f"Computed on: {next(iter(machines), 'no round yet')}."
-    return ("Computed on more than one machine, and results differ between machines: "
-            + "; ".join(f"{m} ({', '.join(runs)})" for m, runs in machines.items()) + ".")
+    known = {m: runs for m, runs in machines.items() if m != UNRECORDED}
+    if len(known) <= 1:
+        line = f"Computed on: {next(iter(known), 'no machine recorded')}."
+    else:
+        line = ("Computed on more than one machine, and results can differ between machines: "
+                + "; ".join(f"{m} ({', '.join(runs)})" for m, runs in known.items()) + ".")
+    if UNRECORDED in machines and known:
+        line += f" Not recorded for some rounds (run before deft named the machine) of: {', '.join(machines[UNRECORDED])}."
+    return line
 
 
 def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:

@@ -4,6 +4,7 @@ Every error names the dotted field and the bad value, e.g. "scoring.mc_passes sh
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -451,6 +452,21 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+# Keys added after run directories existed, with the value that keeps such a run doing what it did: a frozen
+# config.yaml without one is read with this value, not today's default, so a resumed (or compared) run goes
+# on as it started. Both are LiST guards that skip sessions; before them, every session was distilled.
+ADDED_KEYS = {("self_training", "skip_one_class"): False, ("self_training", "min_teacher_information"): None}
+
+
+def frozen_config(data: dict) -> Config:
+    """A run's config.yaml as a Config, keys it predates (ADDED_KEYS) set to what the run was doing."""
+    data = copy.deepcopy(data)
+    for (section, key), then in ADDED_KEYS.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section][key] = then
+    return from_dict(Config, data)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -20,7 +20,7 @@ from typing import Optional
 import pyarrow as pa
 import yaml
 
-from pipeline.config import Config, from_dict, to_dict
+from pipeline.config import Config, frozen_config, to_dict
 from pipeline.io import read_parquet, write_json, write_parquet, write_text
 
 PHASES = ("scoring", "selecting", "labeling", "training", "evaluating", "done")
@@ -148,7 +148,7 @@ class RunDir:
     def read_config(self) -> Config:
         if not self.config_file.is_file():
             raise FileNotFoundError(f"{self.path} is not a deft run (no config.yaml)")
-        return from_dict(Config, yaml.safe_load(self.config_file.read_text()) or {})
+        return frozen_config(yaml.safe_load(self.config_file.read_text()) or {})
 
     def read_state(self) -> RunState:
         if not self.state_file.is_file():

@@ -141,10 +141,12 @@ class RoundSelfTraining:
         if st.skip_one_class and pc.count_distinct(pseudo.column("pseudo_label")).as_py() == 1:
             label = pseudo.column("pseudo_label")[0].as_py()
             return f"all {pseudo.num_rows} pseudo-labels are {label!r}: the teacher has only the class prior to teach"
-        info = teacher_information(_probs(pseudo))
+        probs = _probs(pseudo)
+        info = teacher_information(probs)
         if st.min_teacher_information is not None and info < st.min_teacher_information:
-            return (f"the teacher's pseudo-labels carry {info:.2%} of the information a label can "
-                    f"(self_training.min_teacher_information {st.min_teacher_information:.2%}): its soft labels "
+            k = probs.shape[1]
+            return (f"the teacher's pseudo-labels carry {info:.2%} of ln {k}, the most a label can tell about its row "
+                    f"(self_training.min_teacher_information is {st.min_teacher_information:.2%}): its soft labels "
                     f"are nearly the same for every row (mean confidence {_mean_confidence(pseudo):.2f})")
         return None
 
@@ -213,16 +215,22 @@ def teacher_information(probs: np.ndarray) -> float:
     I = H(mean p) - mean H(p), over ln K, in [0, 1]. 0: every row gets the same distribution (the class
     prior, however sure); 1: every row gets a sure answer and the answers are balanced."""
     p = np.asarray(probs, dtype=np.float64)
-    p = p / p.sum(axis=1, keepdims=True)
+    sums = p.sum(axis=1, keepdims=True)
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or np.any(sums <= 0):
+        bad = int(np.sum(~(np.isfinite(p).all(axis=1) & (p >= 0).all(axis=1) & (sums[:, 0] > 0))))
+        raise ValueError(f"{bad} of the teacher's {len(p)} pseudo-label distributions are not probabilities (NaN, "
+                         f"inf, negative or all zero): the teacher adapter is broken")
+    p = p / sums
 
     def entropy(q: np.ndarray) -> np.ndarray:
         return -np.sum(np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0), axis=-1)
 
-    return float(max(entropy(p.mean(axis=0)) - entropy(p).mean(), 0.0) / np.log(p.shape[1]))
+    return max(0.0, float(entropy(p.mean(axis=0)) - entropy(p).mean()) / np.log(p.shape[1]))
 
 
 def _probs(pseudo: pa.Table) -> np.ndarray:
-    return np.array(pseudo.column("probs").to_pylist(), dtype=np.float64)
+    column = pseudo.column("probs").combine_chunks()
+    return pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(len(column), -1)
 
 
 def _mean_confidence(pseudo: pa.Table) -> float:

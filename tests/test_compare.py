@@ -118,8 +118,14 @@ def test_compare_runs_every_strategy_and_seed_and_resumes(tiny_model_dir, ray_lo
     elsewhere.put_metrics({**elsewhere.read_metrics()[-1], "machine": "Intel Xeon, 2 cores"})
     two = summarize(out, ["random", "bald", "star"], [0, 1])
     assert two["machines"] == {machine(): names, "Intel Xeon, 2 cores": ["bald-seed1"]}
-    assert render_markdown(two).splitlines()[2] == (f"Computed on more than one machine, and results differ between "
-                                                   f"machines: {machine()} ({', '.join(names)}); Intel Xeon, 2 cores (bald-seed1).")
+    assert render_markdown(two).splitlines()[2] == (
+        f"Computed on more than one machine, and results can differ between machines: {machine()} "
+        f"({', '.join(names)}); Intel Xeon, 2 cores (bald-seed1).")
+    older = RunDir(out / "random-seed0")  # a round from before deft named the machine
+    older.put_metrics({k: v for k, v in older.read_metrics()[0].items() if k != "machine"})
+    elsewhere.put_metrics({**elsewhere.read_metrics()[-1], "machine": machine()})
+    assert render_markdown(summarize(out, ["random", "bald", "star"], [0, 1])).splitlines()[2] == (
+        f"Computed on: {machine()}. Not recorded for some rounds (run before deft named the machine) of: random-seed0.")
 
 
 def test_compare_refuses_a_run_of_another_config(tiny_model_dir, ray_local, tmp_path, capsys):

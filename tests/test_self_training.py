@@ -4,13 +4,15 @@ import math
 
 import pytest
 import torch
+import yaml
 from torch.func import functional_call
 
 from actors.model import attach_lora, load_adapter_state, adapter_state, load_model
 from actors.scorer import left_pad, positions, verbalizer_token_ids
 from actors.self_training import PseudoData, kl_per_example, meta_gradient, meta_weights, student_batches
 from actors.trainer import IGNORE, collate, encode_example, label_word_logits, verbalizer_loss
-from pipeline.config import Config, ConfigError, LoraConfig, ModelConfig, from_dict
+from pipeline.config import Config, ConfigError, LoraConfig, ModelConfig, from_dict, frozen_config, to_dict
+from pipeline.run_dir import RunDir
 from pipeline.self_training import teacher_information
 
 from conftest import build_tokenizer, trained_like_adapter
@@ -167,6 +169,29 @@ def test_teacher_information_by_hand(probs, expected):
         expected = (h(mean) - sum(h(p) for p in probs) / len(probs)) / math.log(k)
     assert teacher_information(probs) == pytest.approx(expected, abs=1e-12)
     assert teacher_information([[2 * x for x in p] for p in probs]) == pytest.approx(expected, abs=1e-12)  # unnormalised
+
+
+def test_teacher_information_refuses_what_is_not_a_distribution():
+    with pytest.raises(ValueError, match="1 of the teacher's 2 pseudo-label distributions are not probabilities"):
+        teacher_information([[float("nan"), 0.5], [0.5, 0.5]])
+    with pytest.raises(ValueError, match="not probabilities"):
+        teacher_information([[0.0, 0.0], [0.5, 0.5]])
+
+
+def test_a_run_from_before_the_guards_resumes_without_them(tmp_path):
+    """A run's config.yaml written before skip_one_class / min_teacher_information existed is read with
+    what that run did (no guard), not today's defaults; a config that names them keeps them."""
+    data = to_dict(_cfg())
+    for key in ("skip_one_class", "min_teacher_information"):
+        del data["self_training"][key]
+    old = frozen_config(data).self_training
+    assert (old.skip_one_class, old.min_teacher_information) == (False, None)
+    new = frozen_config(to_dict(_cfg())).self_training
+    assert (new.skip_one_class, new.min_teacher_information) == (True, 0.01)
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    rd.config_file.write_text(yaml.safe_dump(data))
+    assert rd.read_config().self_training.min_teacher_information is None
 
 
 @pytest.mark.parametrize("sections, message", [

@@ -145,17 +145,22 @@ def test_min_confidence_filters_the_pseudo_labels(tiny_model_dir, scorer, refere
     assert min(pseudo.column("confidence").to_pylist()) >= threshold
 
 
-@pytest.mark.parametrize("classes, sure, guards, skipped", [
-    (["true"], 0.9, True, "all 34 pseudo-labels are 'true': the teacher has only the class prior to teach"),
-    (["true"], 0.9, False, None),
-    (["true", "false"], 0.9, True, None),
-    (["true", "false"], 0.51, True,
-     "the teacher's pseudo-labels carry 0.03% of the information a label can (self_training.min_teacher_information "
-     "1.00%): its soft labels are nearly the same for every row (mean confidence 0.51)"),
-    (["true", "false"], 0.51, False, None),
+def _uninformed(info: str, confidence: float) -> str:
+    return (f"the teacher's pseudo-labels carry {info} of ln 2, the most a label can tell about its row "
+            f"(self_training.min_teacher_information is 1.00%): its soft labels are nearly the same for every row "
+            f"(mean confidence {confidence:.2f})")
+
+
+@pytest.mark.parametrize("classes, sure, skip_one_class, min_information, skipped", [
+    (["true"], 0.9, True, 0.01, "all 34 pseudo-labels are 'true': the teacher has only the class prior to teach"),
+    (["true"], 0.9, False, 0.01, _uninformed("0.00%", 0.9)),  # the same distribution for every row carries nothing
+    (["true"], 0.9, False, None, None),
+    (["true", "false"], 0.9, True, 0.01, None),
+    (["true", "false"], 0.51, True, 0.01, _uninformed("0.03%", 0.51)),
+    (["true", "false"], 0.51, True, None, None),
 ])
 def test_a_teacher_with_only_the_prior_to_teach_is_not_distilled_unless_asked(
-        tiny_model_dir, scorer, tmp_path, monkeypatch, classes, sure, guards, skipped):
+        tiny_model_dir, scorer, tmp_path, monkeypatch, classes, sure, skip_one_class, min_information, skipped):
     """Beyond LiST, on by default: a teacher that labels every row alike (skip_one_class), or whose soft
     labels are nearly the same for every row (min_teacher_information), has only the class prior to teach.
     Its session is skipped, the teacher stays the round's adapter, and the later sessions (which would
@@ -173,7 +178,7 @@ def test_a_teacher_with_only_the_prior_to_teach_is_not_distilled_unless_asked(
                 .set_column(4, "pseudo_label", pa.array(labels))
 
     monkeypatch.setattr(RoundSelfTraining, "_pseudo_label", teacher)
-    cfg = config(tiny_model_dir, skip_one_class=guards, min_teacher_information=0.01 if guards else None)
+    cfg = config(tiny_model_dir, skip_one_class=skip_one_class, min_teacher_information=min_information)
     cfg.al.rounds = 1
     metrics = ActiveLearningRun(cfg, tmp_path / "run", scorer=scorer).run()
     rd = RunDir(tmp_path / "run")
@@ -181,7 +186,7 @@ def test_a_teacher_with_only_the_prior_to_teach_is_not_distilled_unless_asked(
     line = metrics[0]["self_training"]
     session = json.loads((d / "0" / "metrics.json").read_text())
     assert session["teacher_information"] == pytest.approx(teacher_information(
-        [[sure, 1 - sure] if i % len(classes) == 0 else [1 - sure, sure] for i in range(34)]))
+        [[sure, 1 - sure] if i % len(classes) == 0 else [1 - sure, sure] for i in range(session["pseudo_rows"])]))
     assert line["teacher_information"][0] == session["teacher_information"]
     if skipped:
         assert digest(rd.adapter_dir(0)) == digest(rd.round_dir(0) / "teacher")
