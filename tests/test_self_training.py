@@ -187,7 +187,7 @@ def test_a_run_from_before_the_guards_resumes_without_them(tmp_path):
     old = frozen_config(data).self_training
     assert (old.skip_one_class, old.min_teacher_information) == (False, None)
     new = frozen_config(to_dict(_cfg())).self_training
-    assert (new.skip_one_class, new.min_teacher_information) == (True, 0.01)
+    assert (new.skip_one_class, new.min_teacher_information) == (True, 0.05)
     rd = RunDir(tmp_path / "run")
     rd.path.mkdir()
     rd.config_file.write_text(yaml.safe_dump(data))
@@ -221,7 +221,7 @@ def test_self_training_defaults_are_the_authors_and_the_small_preset_applies():
     st = _cfg().self_training
     assert (st.sessions, st.steps, st.warmup_fraction, st.batch_size, st.meta_batch, st.lr, st.meta_lr, st.min_confidence) == \
         (6, 1000, 0.6, 16, 4, 1e-4, 5e-6, None)
-    assert st.skip_one_class and st.min_teacher_information == 0.01  # deft's own guards, beyond LiST
+    assert st.skip_one_class and st.min_teacher_information == 0.05  # deft's own guards, beyond LiST
     small = _cfg(self_training={"preset": "small", "sessions": 3}).self_training
     assert small.sessions == 3 and small.steps == from_dict(type(st), {"preset": "small"}).steps < 1000
     assert _cfg().train.loss == "lm" and _cfg(train={"preset": "paper", "loss": "verbalizer"}).train.loss == "verbalizer"

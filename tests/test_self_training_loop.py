@@ -145,19 +145,21 @@ def test_min_confidence_filters_the_pseudo_labels(tiny_model_dir, scorer, refere
     assert min(pseudo.column("confidence").to_pylist()) >= threshold
 
 
-def _uninformed(info: str, confidence: float) -> str:
+def _uninformed(info: str, confidence: float, threshold: str = "5.00%") -> str:
     return (f"the teacher's pseudo-labels carry {info} of ln 2, the most a label can tell about its row "
-            f"(self_training.min_teacher_information is 1.00%): its soft labels are nearly the same for every row "
-            f"(mean confidence {confidence:.2f})")
+            f"(self_training.min_teacher_information is {threshold}): its soft labels are nearly the same for every "
+            f"row (mean confidence {confidence:.2f})")
 
 
 @pytest.mark.parametrize("classes, sure, skip_one_class, min_information, skipped", [
-    (["true"], 0.9, True, 0.01, "all 34 pseudo-labels are 'true': the teacher has only the class prior to teach"),
-    (["true"], 0.9, False, 0.01, _uninformed("0.00%", 0.9)),  # the same distribution for every row carries nothing
+    (["true"], 0.9, True, 0.05, "all 34 pseudo-labels are 'true': the teacher has only the class prior to teach"),
+    (["true"], 0.9, False, 0.05, _uninformed("0.00%", 0.9)),  # the same distribution for every row carries nothing
     (["true"], 0.9, False, None, None),
-    (["true", "false"], 0.9, True, 0.01, None),
-    (["true", "false"], 0.51, True, 0.01, _uninformed("0.03%", 0.51)),
+    (["true", "false"], 0.9, True, 0.05, None),
+    (["true", "false"], 0.51, True, 0.05, _uninformed("0.03%", 0.51)),
     (["true", "false"], 0.51, True, None, None),
+    (["true", "false"], 0.6, True, 0.05, _uninformed("2.90%", 0.6)),  # the threshold decides: 2.9% of ln 2
+    (["true", "false"], 0.6, True, 0.01, None),
 ])
 def test_a_teacher_with_only_the_prior_to_teach_is_not_distilled_unless_asked(
         tiny_model_dir, scorer, tmp_path, monkeypatch, classes, sure, skip_one_class, min_information, skipped):
