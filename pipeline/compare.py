@@ -380,6 +380,13 @@ def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
                               f"{ls['labels']:.1f} labels = {_pct(ls['pct_of_random'])} of random's ({_pct(ls['saving_pct'])} saved)"))
 
 
+def plot_title(summary: dict) -> str:
+    """Seeds and machine, so a plot passed around on its own still says what it was computed on."""
+    known = [m for m in (summary.get("machines") or {}) if m != UNRECORDED]
+    where = known[0] if len(known) == 1 else f"{len(known)} machines (compare.md)" if known else "machine not recorded"
+    return f"{len(summary['seeds'])} seed(s) · {where}"
+
+
 def plot_comparison(summary: dict, out: Path) -> Path:
     import matplotlib
 
@@ -400,7 +407,7 @@ def plot_comparison(summary: dict, out: Path) -> Path:
         ax.axhline(summary["target_accuracy"], color="grey", linestyle="--", linewidth=1, label="random's final accuracy")
     ax.set_xlabel("labelled examples")
     ax.set_ylabel("test accuracy (mean ± sd over seeds)")
-    ax.set_title(f"{len(summary['seeds'])} seed(s)", fontsize=9)
+    ax.set_title(plot_title(summary), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, out)

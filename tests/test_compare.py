@@ -7,7 +7,7 @@ import yaml
 
 from pipeline.cli import main as deft
 from cluster.runtime import machine
-from pipeline.compare import labels_to_reach, render_markdown, summarize, _label_saving
+from pipeline.compare import labels_to_reach, plot_title, render_markdown, summarize, _label_saving
 from pipeline.config import to_dict
 from pipeline.loop import ActiveLearningRun
 from pipeline.report import aulc, curve_points
@@ -180,3 +180,11 @@ def test_compare_star_against_star_with_self_training(tiny_model_dir, ray_local,
     assert "of which self-training" in (out / "compare.md").read_text()
     assert deft(["compare", str(path), "--strategies", "bogus+st", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
     assert "al.strategy should be one of" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_the_plot_names_its_machine():
+    one = {"seeds": [0, 1, 2], "machines": {"AMD EPYC, 2 cores": ["random-seed0"], "not recorded": ["star-seed0"]}}
+    assert plot_title(one) == "3 seed(s) · AMD EPYC, 2 cores"
+    two = {"seeds": [0], "machines": {"AMD EPYC, 2 cores": ["random-seed0"], "Intel Xeon, 2 cores": ["star-seed0"]}}
+    assert plot_title(two) == "1 seed(s) · 2 machines (compare.md)"
+    assert plot_title({"seeds": [0], "machines": {"not recorded": ["random-seed0"]}}) == "1 seed(s) · machine not recorded"
