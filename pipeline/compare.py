@@ -346,8 +346,12 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _known(machines: dict[str, list[str]]) -> dict[str, list[str]]:
+    return {m: runs for m, runs in machines.items() if m != UNRECORDED}
+
+
 def _machines_line(machines: dict[str, list[str]]) -> str:
-    known = {m: runs for m, runs in machines.items() if m != UNRECORDED}
+    known = _known(machines)
     if len(known) <= 1:
         line = f"Computed on: {next(iter(known), 'no machine recorded')}."
     else:
@@ -382,7 +386,7 @@ def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
 
 def plot_title(summary: dict) -> str:
     """Seeds and machine, so a plot passed around on its own still says what it was computed on."""
-    known = [m for m in (summary.get("machines") or {}) if m != UNRECORDED]
+    known = list(_known(summary.get("machines") or {}))
     where = known[0] if len(known) == 1 else f"{len(known)} machines (compare.md)" if known else "machine not recorded"
     return f"{len(summary['seeds'])} seed(s) · {where}"
 

@@ -105,9 +105,10 @@ class RoundSelfTraining:
             write_parquet(pseudo_file, self._pseudo_label(read_adapter_state(teacher)))
             times["pseudo_label_s"] = time.perf_counter() - t0
         pseudo = read_parquet(pseudo_file)
-        reason = self._skip_reason(pseudo)
+        info = teacher_information(_probs(pseudo)) if pseudo.num_rows else None
+        reason = self._skip_reason(pseudo, info)
         if reason:
-            self._skip(s, teacher, pseudo, times, reason)
+            self._skip(s, teacher, pseudo, info, times, reason)
             return
         student = d / "student"
         if not (student / ADAPTER_FILE).is_file():
@@ -125,14 +126,14 @@ class RoundSelfTraining:
         student_metrics = json.loads((d / "student_metrics.json").read_text())
         weights = [w for w in pseudo.column("weight").to_pylist() if w is not None]
         write_json(d / "metrics.json", {
-            **_pseudo_summary(s, pseudo), "reweighted_rows": len(weights), "zero_weight_rows": sum(1 for w in weights if w == 0.0),
+            **_pseudo_summary(s, pseudo, info), "reweighted_rows": len(weights), "zero_weight_rows": sum(1 for w in weights if w == 0.0),
             "student_loss": student_metrics.get("epoch_loss", [None])[-1], "student_steps": student_metrics.get("steps"),
             "gold_loss": result.metrics.get("epoch_loss", [None])[-1], **{k: round(v, 3) for k, v in times.items()},
         })
         # The adapter dir last, by rename: its existence marks the session done (metrics.json is in place).
         os.replace(d / "adapter.tmp", d / "adapter")
 
-    def _skip_reason(self, pseudo: pa.Table) -> Optional[str]:
+    def _skip_reason(self, pseudo: pa.Table, info: Optional[float]) -> Optional[str]:
         """Why this session's teacher has nothing but the class prior to teach (None: it has more). Reads
         only the stored pseudo-labels, so a resumed session decides as the killed one did."""
         st = self.cfg.self_training
@@ -141,21 +142,19 @@ class RoundSelfTraining:
         if st.skip_one_class and pc.count_distinct(pseudo.column("pseudo_label")).as_py() == 1:
             label = pseudo.column("pseudo_label")[0].as_py()
             return f"all {pseudo.num_rows} pseudo-labels are {label!r}: the teacher has only the class prior to teach"
-        probs = _probs(pseudo)
-        info = teacher_information(probs)
         if st.min_teacher_information is not None and info < st.min_teacher_information:
-            k = probs.shape[1]
+            k = len(pseudo.column("probs")[0])
             return (f"the teacher's pseudo-labels carry {info:.2%} of ln {k}, the most a label can tell about its row "
                     f"(self_training.min_teacher_information is {st.min_teacher_information:.2%}): its soft labels "
                     f"are nearly the same for every row (mean confidence {_mean_confidence(pseudo):.2f})")
         return None
 
-    def _skip(self, s: int, teacher: Path, pseudo: pa.Table, times: dict, reason: str) -> None:
+    def _skip(self, s: int, teacher: Path, pseudo: pa.Table, info: float, times: dict, reason: str) -> None:
         """The teacher has nothing but the class prior to distil (_skip_reason). The session's adapter is
         the teacher itself; no student is trained."""
         d = self.session_dir(s)
         log.info("round %d, self-training session %d skipped: %s", self.k, s, reason)
-        write_json(d / "metrics.json", {**_pseudo_summary(s, pseudo), "skipped": reason, "reweighted_rows": 0,
+        write_json(d / "metrics.json", {**_pseudo_summary(s, pseudo, info), "skipped": reason, "reweighted_rows": 0,
                                         "zero_weight_rows": 0, "student_loss": None, "student_steps": 0,
                                         "gold_loss": None, **{k: round(v, 3) for k, v in times.items()}})
         install_dir(str(teacher), d / "adapter")  # last, atomically: its existence marks the session done
@@ -237,11 +236,11 @@ def _mean_confidence(pseudo: pa.Table) -> float:
     return float(np.mean(pseudo.column("confidence").to_numpy()))
 
 
-def _pseudo_summary(s: int, pseudo: pa.Table) -> dict:
+def _pseudo_summary(s: int, pseudo: pa.Table, info: Optional[float]) -> dict:
     """A session's pseudo-labels in its metrics.json: how many, per class, the teacher's mean confidence
-    and the information its soft labels carry (teacher_information)."""
+    and `info`, the information its soft labels carry (teacher_information)."""
     labels = pseudo.column("pseudo_label").to_pylist()
     return {"session": s, "pseudo_rows": pseudo.num_rows,
             "pseudo_labels": {str(l): int(c) for l, c in zip(*np.unique(labels, return_counts=True))} if labels else {},
             "mean_confidence": _mean_confidence(pseudo) if labels else None,
-            "teacher_information": teacher_information(_probs(pseudo)) if labels else None}
+            "teacher_information": info}
