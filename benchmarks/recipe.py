@@ -7,7 +7,8 @@ Every grid point (the cartesian product of the --grid lists) is one `deft compar
 --seeds in OUT/<point>/, so the sweep resumes like a comparison does. Per point it reports, per strategy:
 final mean accuracy ± sd, AULC ± sd, whether the mean curve is stable (no round-to-round fall larger than
 the later point's sd), and the mean accuracy at the first label count >= --check-labels against the base
-model's. The last line is one JSON object with all of it and the CPU it ran on.
+model's, and how many runs' final adapter gave one answer for every test row (it scored the class prior).
+The last line is one JSON object with all of it and the CPU it ran on.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import time
 from pathlib import Path
 
 from benchmarks.device import cpu_name
-from pipeline.compare import compare
+from pipeline.compare import compare, run_dir_name
 from pipeline.config import load_config, parse_override
+from pipeline.report import one_answer
+from pipeline.run_dir import RunDir
 
 
 def grid_points(grids: list[str]) -> list[list[str]]:
@@ -52,6 +55,17 @@ def at_labels(curve: list[dict], labels: int) -> dict | None:
     return None
 
 
+def final_one_answer(point_dir: Path, strategy: str, seeds: list[int]) -> list[str]:
+    """The runs whose last evaluated adapter gave one answer for every test row: it scored the class prior."""
+    runs = []
+    for seed in seeds:
+        name = run_dir_name(strategy, seed)
+        evaluated = [m for m in RunDir(point_dir / name).read_metrics() if m.get("accuracy") is not None]
+        if evaluated and one_answer(evaluated[-1]) is not None:
+            runs.append(name)
+    return runs
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -82,15 +96,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "base_accuracy": base, "at_check": check,
                 "beats_base_at_check": None if base is None or check is None else check["accuracy"] > base,
                 "train_s_per_run": summary["phase_s"][s]["training_s"],
+                "final_one_answer": final_one_answer(Path(args.out) / name, s, seeds),
             }
     print(f"\n{'point':<40} {'strategy':<9} {'final acc':>15} {'AULC':>15} {'worst fall':>10} {'stable':>6} "
-          f"{'@' + str(args.check_labels) + ' vs base':>14} {'train s':>8}")
+          f"{'@' + str(args.check_labels) + ' vs base':>14} {'train s':>8} {'one answer':>10}")
     for name, r in results.items():
         for s, m in r["strategies"].items():
             f, a = m["final"], m["aulc"]
             check = "—" if m["at_check"] is None else f"{m['at_check']['accuracy']:.3f}/{m['base_accuracy'] or 0:.3f}"
             print(f"{name:<40} {s:<9} {f['mean']:.3f} ± {f['sd']:.3f}  {a['mean']:.3f} ± {a['sd']:.3f} "
-                  f"{m['worst_fall']:>10.3f} {str(m['stable']):>6} {check:>14} {m['train_s_per_run'] or 0:>8.0f}")
+                  f"{m['worst_fall']:>10.3f} {str(m['stable']):>6} {check:>14} {m['train_s_per_run'] or 0:>8.0f} "
+                  f"{len(m['final_one_answer']):>4} of {len(seeds)}")
     out = {"benchmark": "recipe", "config": args.config, "fixed": args.overrides, "seeds": seeds, "cpu": cpu_name(),
            "wall_s": round(time.perf_counter() - t0, 1), "points": results}
     print(json.dumps(out, sort_keys=True))

@@ -103,23 +103,23 @@ def _config(path, overrides, address):
 
 
 def _print_metrics(run_dir) -> None:
-    from pipeline.report import aulc, curve_points
+    from pipeline.report import answers_cell, aulc, curve_points
     from pipeline.run_dir import RunDir
 
     run = RunDir(run_dir)
     base = run.path / "base_eval.json"
-    print(f"{'round':>5} {'labels':>6} {'accuracy':>8} {'ECE':>6} {'train s':>8} {'round s':>8}")
+    print(f"{'round':>5} {'labels':>6} {'accuracy':>8} {'ECE':>6} {'train s':>8} {'round s':>8}  test answers")
     if base.is_file():
         import json
 
         b = json.loads(base.read_text())
-        print(f"{'base':>5} {0:>6} {b['accuracy']:8.3f} {b['ece']:6.3f}")
+        print(f"{'base':>5} {0:>6} {b['accuracy']:8.3f} {b['ece']:6.3f} {'':>8} {'':>8}  {answers_cell(b)}")
     for m in run.read_metrics():
         t = m.get("timings", {})
         total = sum(v for k, v in t.items() if k.endswith("ing_s") and v)
         acc = f"{m['accuracy']:8.3f}" if m.get("accuracy") is not None else f"{'—':>8}"
         ece = f"{m['ece']:6.3f}" if m.get("ece") is not None else f"{'—':>6}"
-        print(f"{m['round']:>5} {m['labels']:>6} {acc} {ece} {t.get('training_s', 0):8.1f} {total:8.1f}")
+        print(f"{m['round']:>5} {m['labels']:>6} {acc} {ece} {t.get('training_s', 0):8.1f} {total:8.1f}  {answers_cell(m)}")
     area = aulc(curve_points(run))
     if area is not None:
         print(f"AULC (accuracy vs labels): {area:.3f}")

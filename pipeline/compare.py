@@ -33,7 +33,7 @@ import yaml
 
 from pipeline.config import Config, ConfigError, check_strategy, from_dict, to_dict
 from pipeline.io import write_json, write_text
-from pipeline.report import aulc, curve_points, evaluated_points, save_figure
+from pipeline.report import aulc, curve_points, evaluated_points, one_answer, save_figure
 from pipeline.run_dir import PHASES, RunDir
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,7 @@ def summarize(out: Path, strategies: list[str], seeds: list[int]) -> dict:
         phases[s]["self_training_s"] = _mean_sd([sum((m.get("self_training") or {}).get("seconds", 0.0)
                                                      for m in rd.read_metrics()) for rd in runs])["mean"]
     summary = {"strategies": strategies, "seeds": seeds, "curves": curves, "aulc": aulcs, "phase_s": phases,
-               "machines": _machines(out, strategies, seeds)}
+               "machines": _machines(out, strategies, seeds), "one_answer": _one_answer(out, strategies, seeds)}
     summary.update(_label_saving(curves))
     return summary
 
@@ -268,6 +268,30 @@ def _machines(out: Path, strategies: list[str], seeds: list[int]) -> dict[str, l
                 if name not in runs:
                     runs.append(name)
     return used
+
+
+def _one_answer(out: Path, strategies: list[str], seeds: list[int]) -> dict[str, list[dict]]:
+    """Per strategy, the evaluated adapters that gave one answer for every test row: their accuracy is
+    that class's share of the test split (the prior), not something learnt from the labels."""
+    found: dict[str, list[dict]] = {s: [] for s in strategies}
+    for s in strategies:
+        for seed in seeds:
+            for m in RunDir(out / run_dir_name(s, seed)).read_metrics():
+                if (answer := one_answer(m)) is not None:
+                    found[s].append({"run": run_dir_name(s, seed), "labels": m["labels"], "answer": answer})
+    return found
+
+
+def _one_answer_lines(summary: dict) -> list[str]:
+    """'star: star-seed1 at 32, 64 labels ("true")' per strategy with such adapters; [] when none."""
+    lines = []
+    for s, points in (summary.get("one_answer") or {}).items():
+        runs: dict[tuple[str, str], list[str]] = {}
+        for p in points:
+            runs.setdefault((p["run"], p["answer"]), []).append(str(p["labels"]))
+        if runs:
+            lines.append(f"{s}: " + "; ".join(f"{r} at {', '.join(xs)} labels ({a!r})" for (r, a), xs in runs.items()))
+    return lines
 
 
 def _label_saving(curves: dict[str, list[dict]]) -> dict:
@@ -335,6 +359,11 @@ def render_markdown(summary: dict) -> str:
                 lines.append(f"| {s} | not reached | — | — |")
             else:
                 lines.append(f"| {s} | {ls['labels']:.1f} | {_pct(ls['pct_of_random'])} | {_pct(ls['saving_pct'])} |")
+    one = _one_answer_lines(summary)
+    lines += ["", "## Adapters that answered one class", "",
+              *(["An adapter that gives every test row the same answer scores that class's share of the test "
+                 "rows, not what it learnt from the labels:", "", *[f"- {x}" for x in one]] if one else
+                ["None. Answers are counted on verbalizer tasks, in rounds evaluated since deft counts them."])]
     lines += ["", "## Wall time per phase (seconds per run, mean over seeds)", "",
               "Self-training (LiST) is part of training.", "",
               "| strategy | " + " | ".join(p[:-2] for p in PHASE_TIMES) + " | total | of which self-training |",
@@ -374,6 +403,8 @@ def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
     for x in labels:
         echo(f"{x:>6} " + "".join(f"{_pm(by[s][x]) if x in by[s] else '—':>{width}}" for s in strategies))
     echo(f"{'AULC':>6} " + "".join(f"{_pm(summary['aulc'][s]):>{width}}" for s in strategies))
+    for line in _one_answer_lines(summary):
+        echo(f"one answer for every test row: {line}")
     if summary.get("label_saving_note"):
         echo(f"label saving: {summary['label_saving_note']}")
     elif summary["target_accuracy"] is not None:

@@ -4,8 +4,12 @@ Scorers produce `prediction` and `confidence` label-free; only here, in the driv
 with the gold labels of the test split.
   verbalizer  confidence = the top verbalizer probability; correct = prediction == label
   generation  confidence = exp(-mean token NLL) of the greedy answer; correct = extracted number == label
+On a verbalizer task the result also counts the answers given: an adapter that answers one class for
+every row scores the class prior, which an accuracy alone does not tell apart from learning.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import pyarrow as pa
 import torch
@@ -31,8 +35,11 @@ def evaluate(scored: pa.Table, labels: dict[str, str], task, n_bins: int = 15) -
     preds = scored.column("prediction").to_pylist()
     correct = [task.is_correct(p, labels[e]) for e, p in zip(ids, preds)]
     conf = scored.column("confidence").to_pylist()
-    return {
+    result = {
         "accuracy": sum(correct) / len(correct),
         "ece": expected_calibration_error(conf, correct, n_bins),
         "n": len(correct),
     }
+    if task.kind == "verbalizer":  # a generation task's answers are free text: counting them says little
+        result["answers"] = dict(Counter(preds))
+    return result

@@ -26,6 +26,7 @@ from pipeline.io import (BATCH_ROWS, atomic, iter_batches, iter_rows_at, read_fl
                          take_rows, write_json, write_parquet)
 from pipeline.oracles import SimulatedOracle, export_to_label, imported_labels
 from pipeline.preflight import DATA_SEED, check_model, preflight
+from pipeline.report import one_answer
 from pipeline.run_dir import PHASES, RunDir, RunState
 from pipeline.scoring import base_uncertainty, holds_exactly
 from pipeline.strategies import MEASURE_COLUMNS, RoundScores, get_strategy, measure_column, top_positions
@@ -427,6 +428,8 @@ def round_summary(run_dir: RunDir, k: int) -> str:
     """One line for round k: labels, accuracy, ECE and where the time went."""
     line = next((m for m in run_dir.read_metrics() if m["round"] == k), {})
     acc = f"accuracy {line['accuracy']:.3f}, ECE {line['ece']:.3f}" if line.get("accuracy") is not None else "not evaluated"
+    if (answer := one_answer(line)) is not None:  # the class prior, not learning: say so where it is seen
+        acc += f", the same answer ({answer!r}) for every test row"
     t = _read_json(run_dir.round_dir(k) / "timings.json")
     times = ", ".join(f"{p} {t[f'{p}_s']:.0f}s" for p in ("scoring", "training", "evaluating") if t.get(f"{p}_s") is not None)
     st = line.get("self_training")

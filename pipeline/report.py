@@ -21,6 +21,20 @@ def evaluated_points(run: RunDir) -> list[tuple[int, float, float]]:
     return points
 
 
+def one_answer(result: dict) -> Optional[str]:
+    """The answer an evaluation (a metrics line, base_eval.json) gave every test row, or None: several
+    answers, or none counted (a generation task, or a round evaluated before deft counted them)."""
+    answers = result.get("answers") or {}
+    return next(iter(answers)) if len(answers) == 1 else None
+
+
+def answers_cell(result: dict) -> str:
+    """'true 70, false 30', most given first ('' where the answers were not counted). Sorted here: the
+    JSON files sort the keys of what they hold."""
+    answers = sorted((result.get("answers") or {}).items(), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{a} {n}" for a, n in answers)
+
+
 def curve_points(run: RunDir) -> list[tuple[int, float]]:
     """(labels, accuracy) per evaluated round, starting with the base model at 0 labels when evaluated."""
     return [(x, acc) for x, acc, _ in evaluated_points(run)]
@@ -52,18 +66,21 @@ def render_report(run: RunDir) -> str:
         f"b={cfg.al.batch_size}, T={cfg.scoring.mc_passes}, seed {cfg.seed}",
         f"- state: round {state.round}, phase `{state.phase}`",
         "",
-        "| round | labels | accuracy | ECE | λ | selected (mean score) | new labels | train loss | score s | train s | eval s |",
-        "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "| round | labels | accuracy | ECE | test answers | λ | selected (mean score) | new labels | train loss | score s "
+        "| train s | eval s |",
+        "|---:|---:|---:|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     base = run.path / "base_eval.json"
     if base.is_file():
         b = json.loads(base.read_text())
-        lines.append(f"| base | 0 | {_fmt(b['accuracy'])} | {_fmt(b['ece'])} | | | | | | | {_fmt(b.get('eval_s'), '.1f')} |")
+        lines.append(f"| base | 0 | {_fmt(b['accuracy'])} | {_fmt(b['ece'])} | {answers_cell(b)} | | | | | | "
+                     f"| {_fmt(b.get('eval_s'), '.1f')} |")
     for m in metrics:
         t, sel = m.get("timings", {}), m.get("selected", {})
         new = ", ".join(f"{k}: {v}" for k, v in sel.get("labels", {}).items())
         lines.append(
-            f"| {m['round']} | {m['labels']} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('ece'))} | {_fmt(m.get('lambda'), '.2f')} "
+            f"| {m['round']} | {m['labels']} | {_fmt(m.get('accuracy'))} | {_fmt(m.get('ece'))} | {answers_cell(m)} "
+            f"| {_fmt(m.get('lambda'), '.2f')} "
             f"| {sel.get('n', '')} ({_fmt(sel.get('mean_score'))}) | {new} | {_fmt(m.get('train_loss'))} "
             f"| {_fmt(t.get('scoring_s'), '.1f')} | {_fmt(t.get('training_s'), '.1f')} | {_fmt(m.get('eval_s'), '.1f')} |"
         )

@@ -135,3 +135,32 @@ def test_replay_round_gives_the_rounds_own_step_losses_and_changes_only_training
     assert other["step_loss"][0] == own["step_loss"][0] and other["step_loss"][1:] != own["step_loss"][1:]
     with pytest.raises(ConfigError, match="only train.* and lora.dropout can change"):
         replay_round.main([str(tmp_path / "run"), "--round", "1", "--set", "al.batch_size=2"])
+
+
+def test_recipe_runs_a_comparison_per_grid_point_and_counts_runs_ending_on_one_answer(
+        ray_local, tiny_model_dir, tmp_path, capsys):
+    from benchmarks import recipe
+    from pipeline.report import one_answer
+    from pipeline.run_dir import RunDir
+
+    cfg = tiny_config(tiny_model_dir, data={"path": "demo", "test_path": "demo", "demo_size": 40},
+                      al={"initial_size": 6, "batch_size": 5, "rounds": 2, "eval_limit": 12},
+                      train={"backend": "local", "batch_size": 4, "epochs": 1, "min_steps": 2})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    out = recipe.main([str(path), "--grid", "train.lr=1e-3,3e-2", "--strategies", "random", "--seeds", "0,1",
+                       "--out", str(tmp_path / "sweep"), "--check-labels", "6"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == out
+    assert set(out["points"]) == {"lr-1e-3", "lr-3e-2"}
+    for name, point in out["points"].items():
+        m = point["strategies"]["random"]
+        runs = {seed: RunDir(tmp_path / "sweep" / name / f"random-seed{seed}").read_metrics() for seed in (0, 1)}
+        finals = [runs[seed][-1]["accuracy"] for seed in (0, 1)]
+        assert m["final"]["mean"] == pytest.approx(sum(finals) / 2) and m["at_check"]["labels"] == 6
+        assert m["final_one_answer"] == [f"random-seed{seed}" for seed in (0, 1) if one_answer(runs[seed][-1])]
+    # A run whose last adapter answered one class is counted; one that did not, not.
+    rd = RunDir(tmp_path / "sweep" / "lr-1e-3" / "random-seed1")
+    rd.put_metrics({**rd.read_metrics()[-1], "answers": {"true": 12}})
+    rd0 = RunDir(tmp_path / "sweep" / "lr-1e-3" / "random-seed0")
+    rd0.put_metrics({**rd0.read_metrics()[-1], "answers": {"true": 7, "false": 5}})
+    assert recipe.final_one_answer(tmp_path / "sweep" / "lr-1e-3", "random", [0, 1]) == ["random-seed1"]

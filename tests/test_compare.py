@@ -7,10 +7,10 @@ import yaml
 
 from pipeline.cli import main as deft
 from cluster.runtime import machine
-from pipeline.compare import labels_to_reach, plot_title, render_markdown, summarize, _label_saving
+from pipeline.compare import labels_to_reach, plot_title, print_table, render_markdown, summarize, _label_saving
 from pipeline.config import to_dict
-from pipeline.loop import ActiveLearningRun
-from pipeline.report import aulc, curve_points
+from pipeline.loop import ActiveLearningRun, round_summary
+from pipeline.report import aulc, curve_points, render_report
 from pipeline.run_dir import RunDir
 
 from conftest import tiny_config
@@ -102,6 +102,16 @@ def test_compare_runs_every_strategy_and_seed_and_resumes(tiny_model_dir, ray_lo
     assert all(summary["phase_s"][s]["evaluating_s"] > 0 and summary["phase_s"][s]["training_s"] > 0 for s in summary["phase_s"])
     md = (out / "compare.md").read_text()
     assert "## Label saving" in md and "| random |" in md and "± " in md
+    # Every evaluated adapter's answers are counted; the ones that gave one answer for every test row are listed.
+    for s in ("random", "bald", "star"):
+        expected = []
+        for seed in (0, 1):
+            for m in RunDir(out / f"{s}-seed{seed}").read_metrics():
+                assert sum(m["answers"].values()) == m["n"] == 12 and set(m["answers"]) <= {"true", "false"}
+                if len(m["answers"]) == 1:
+                    answer = next(iter(m["answers"]))
+                    expected.append({"run": f"{s}-seed{seed}", "labels": m["labels"], "answer": answer})
+        assert summary["one_answer"][s] == expected
 
     # Again: nothing is re-run, and the summary is the same.
     assert deft(argv) == 0
@@ -121,8 +131,27 @@ def test_compare_runs_every_strategy_and_seed_and_resumes(tiny_model_dir, ray_lo
     assert render_markdown(two).splitlines()[2] == (
         f"Computed on more than one machine, and results can differ between machines: {machine()} "
         f"({', '.join(names)}); Intel Xeon, 2 cores (bald-seed1).")
-    older = RunDir(out / "random-seed0")  # a round from before deft named the machine
-    older.put_metrics({k: v for k, v in older.read_metrics()[0].items() if k != "machine"})
+    # An adapter that answered one class is named in compare.md and on the console, whatever its accuracy.
+    for rd, answers in ((elsewhere, {"true": 12}), (RunDir(out / "bald-seed0"), {"true": 7, "false": 5})):
+        rd.put_metrics({**rd.read_metrics()[-1], "answers": answers})
+    one = summarize(out, ["random", "bald", "star"], [0, 1])
+    assert {"run": "bald-seed1", "labels": 11, "answer": "true"} in one["one_answer"]["bald"]
+    assert not any(p["run"] == "bald-seed0" and p["labels"] == 11 for p in one["one_answer"]["bald"])
+    md = render_markdown(one)
+    listed = md.split("## Adapters that answered one class")[1].split("## Wall time")[0]
+    assert "bald-seed1 at " in listed and "11 labels ('true')" in listed
+    printed = []
+    print_table(one, printed.append)
+    assert any(l.startswith("one answer for every test row: bald: ") and "bald-seed1" in l for l in printed)
+    assert "the same answer ('true') for every test row" in round_summary(elsewhere, 1)
+    assert "the same answer" not in round_summary(RunDir(out / "bald-seed0"), 1)
+    assert "| true 12 |" in render_report(elsewhere)
+    assert "| true 7, false 5 |" in render_report(RunDir(out / "bald-seed0"))  # most given first, as read back
+    older = RunDir(out / "random-seed0")  # a round from before deft named the machine or counted answers
+    older.put_metrics({k: v for k, v in older.read_metrics()[0].items() if k not in ("machine", "answers")})
+    listed = summarize(out, ["random"], [0])["one_answer"]["random"]
+    assert not any(p["labels"] == 6 for p in listed)
+    assert "| 0 | 6 | " in render_report(older) and "the same answer" not in round_summary(older, 0)
     elsewhere.put_metrics({**elsewhere.read_metrics()[-1], "machine": machine()})
     assert render_markdown(summarize(out, ["random", "bald", "star"], [0, 1])).splitlines()[2] == (
         f"Computed on: {machine()}. Not recorded for some rounds (run before deft named the machine) of: random-seed0.")

@@ -1,4 +1,6 @@
 """Constraint-LoRA pieces without Ray: masking, batching, B-only weight decay, schedule, evaluation."""
+import json
+
 import pyarrow as pa
 import pytest
 import torch
@@ -7,6 +9,7 @@ from actors.model import attach_lora, load_model, load_tokenizer
 from actors.trainer import IGNORE, answer_loss, build_optimizer, build_schedule, collate, encode_example, rank_batches
 from pipeline.config import LoraConfig, ModelConfig, TrainConfig
 from pipeline.evaluation import evaluate, expected_calibration_error
+from pipeline.report import answers_cell, one_answer
 from pipeline.tasks import boolq, gsm8k
 
 from conftest import trained_like_adapter
@@ -104,9 +107,16 @@ def test_evaluate_verbalizer_and_generation():
                        "confidence": [0.9, 0.6, 0.7, 0.8]})
     m = evaluate(scored, {"a": "true", "b": "true", "c": "true", "d": "false"}, boolq(), n_bins=10)
     assert m["accuracy"] == 0.5 and m["n"] == 4
+    assert m["answers"] == {"true": 3, "false": 1} and one_answer(m) is None
+    assert answers_cell(json.loads(json.dumps(m, sort_keys=True))) == "true 3, false 1"  # most given first, as stored
+    sure = evaluate(scored.set_column(1, "prediction", pa.array(["false"] * 4)),
+                    {"a": "true", "b": "true", "c": "true", "d": "false"}, boolq())
+    assert sure["answers"] == {"false": 4} and one_answer(sure) == "false" and sure["accuracy"] == 0.25
+    assert one_answer({"accuracy": 0.7}) is None and answers_cell({"accuracy": 0.7}) == ""  # a round from before
     assert m["ece"] == pytest.approx((abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.7) + abs(0 - 0.8)) / 4)
     gen = pa.table({"example_id": ["x", "y"], "prediction": ["72", None], "confidence": [0.5, 0.2]})
     assert evaluate(gen, {"x": "72", "y": "10"}, gsm8k())["accuracy"] == 0.5
+    assert "answers" not in evaluate(gen, {"x": "72", "y": "10"}, gsm8k())  # free text: not counted
     with pytest.raises(ValueError, match="no gold label"):
         evaluate(gen, {"x": "72"}, gsm8k())
 
