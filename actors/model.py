@@ -223,8 +223,8 @@ def use_fast_dropout(model: torch.nn.Module) -> int:
         if name.split(".")[-1] != "lora_dropout":
             continue
         for key, drop in module.items():
-            if isinstance(drop, torch.nn.Dropout):
-                module[key] = FastDropout(drop.p)
+            if isinstance(drop, torch.nn.Dropout):  # a new module is in training mode: keep the old one's
+                module[key] = FastDropout(drop.p).train(drop.training)
                 swapped += 1
     return swapped
 

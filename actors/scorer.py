@@ -217,6 +217,8 @@ class Scorer:
             return
         if sample and mode == "lora":
             set_mc_dropout(self.model, lora=True, attention=self.model_cfg.attention_dropout > 0)
+        else:  # every other pass is deterministic, whatever mode the model was left in (a fresh actor's first call)
+            self.model.eval()
         try:
             yield
         finally:

@@ -58,6 +58,19 @@ def test_lora_mode_gives_bald_and_base_mode_is_deterministic(trained, batch):
     assert lora["entropy"] != base1["entropy"]  # the adapter is really on in lora mode
 
 
+def test_a_fresh_scorers_first_eval_is_deterministic(tiny_model_dir, batch):
+    """A new actor (a resumed run, a restart) whose first call is an evaluation: no dropout may sample in it.
+    deft's CPU dropouts were swapped in after eval(), in training mode, and the first "eval" call sampled."""
+    fresh = Scorer(**scorer_kwargs(tiny_config(tiny_model_dir), tiny_model_dir))
+    assert not [name for name, m in fresh.model.named_modules() if m.training]
+    fresh.set_adapter(trained_like_adapter(adapter_state(fresh.model)))
+    first = fresh.score(batch, "eval")
+    assert fresh.score(batch, "lora")["bald"] != [0.0] * len(batch["prompt"])  # MC passes really sample ...
+    assert fresh.score(batch, "eval") == first  # ... and the evaluations around them do not
+    fresh.model.train()  # however the model was left
+    assert fresh.score(batch, "eval") == first
+
+
 def test_mc_scoring_is_reproducible_for_a_fixed_seed(trained, batch):
     assert trained.score(batch, "lora")["bald"] == trained.score(batch, "lora")["bald"]
 
