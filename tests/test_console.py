@@ -51,8 +51,9 @@ def test_a_ray_train_run_prints_deft_lines_only(tmp_path, tiny_model_dir):
     assert done.returncode == 0, console
     noise = [line for line in console.splitlines() if NOISE.search(line)]
     assert not noise, "\n".join(noise[:20])
-    assert re.search(r"^round 0: 6 labels, accuracy \d\.\d{3}, ECE \d\.\d{3} \(scoring \d+s, training \d+s, evaluating \d+s\)$",
-                     console, re.M), console
+    # (the tiny random model may answer one class, and the line then says so)
+    assert re.search(r"^round 0: 6 labels, accuracy \d\.\d{3}, ECE \d\.\d{3}(, the same answer \('\w+'\) for every test row)? "
+                     r"\(scoring \d+s, training \d+s, evaluating \d+s\)$", console, re.M), console
     # Ray Train's steps reach the driver as its own bar (the workers' output does not): steps and loss
     assert re.search(r"^training: .*\b(\d+)/\1 .*loss=\d+\.\d{4}", console, re.M), console
     assert len(re.findall(r"^logs: .*driver\.log; Ray's worker logs: ", console, re.M)) == 1, console
