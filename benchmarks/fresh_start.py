@@ -86,9 +86,9 @@ class Bench:
             self.scorer.set_adapter(state)
         out = self.scorer.score(self.test_input, "eval" if state is not None else "base")  # base: adapter disabled
         scored = pa.table({k: out[k] for k in ("example_id", "prediction", "confidence")})
-        top, count = Counter(out["prediction"]).most_common(1)[0]
-        return {**evaluate(scored, self.gold, self.task, self.ece_bins), "top_answer": top,
-                "top_share": count / len(out["prediction"])}
+        result = evaluate(scored, self.gold, self.task, self.ece_bins)  # counts the answers (a verbalizer task)
+        top, count = max(result["answers"].items(), key=lambda kv: kv[1])
+        return {**result, "top_answer": top, "top_share": count / len(out["prediction"])}
 
 
 def main(argv=None) -> dict:
