@@ -312,7 +312,15 @@ def _label_saving(curves: dict[str, list[dict]]) -> dict:
         needs = labels_to_reach(curve, target)
         pct = 100.0 * needs / random_needs if needs is not None and random_needs else None
         saving[s] = {"labels": needs, "pct_of_random": pct, "saving_pct": None if pct is None else 100.0 - pct}
-    return {"target_accuracy": target, "label_saving": saving}
+    saving["random"] = {"labels": random_needs, "pct_of_random": 100.0, "saving_pct": 0.0}  # exact, not 1e-14 off
+    out = {"target_accuracy": target, "label_saving": saving}
+    final_labels = mean_curve["random"][-1][0]
+    if random_needs < final_labels:  # random's mean curve rose past its final accuracy and fell back to it
+        out["label_saving_caveat"] = (
+            f"random's mean curve first reaches its final {target:.3f} at {random_needs:.1f} labels, not at its last "
+            f"{final_labels}: it rose above it and fell back. Savings are counted against {random_needs:.1f} labels; "
+            f"compare the curves and AULC too")
+    return out
 
 
 def _pm(stat: dict, spec: str = ".3f") -> str:
@@ -322,7 +330,7 @@ def _pm(stat: dict, spec: str = ".3f") -> str:
 
 
 def _pct(value: Optional[float]) -> str:
-    return "—" if value is None else f"{value:.0f}%"  # None: random's own curve starts at the target
+    return "—" if value is None else f"{round(value)}%"  # None: random's own curve starts at the target; round: no "-0%"
 
 
 def render_markdown(summary: dict) -> str:
@@ -351,8 +359,10 @@ def render_markdown(summary: dict) -> str:
         lines.append(f"Label saving is {summary['label_saving_note']}.")
     else:
         lines += [f"Labels each mean curve needs to reach random's final mean accuracy "
-                  f"({summary['target_accuracy']:.3f}), as a % of what random's own curve needs.", "",
-                  "| strategy | labels | % of random | saving |", "|---|---:|---:|---:|"]
+                  f"({summary['target_accuracy']:.3f}), as a % of what random's own curve needs.", ""]
+        if summary.get("label_saving_caveat"):
+            lines += [f"Note: {summary['label_saving_caveat']}.", ""]
+        lines += ["| strategy | labels | % of random | saving |", "|---|---:|---:|---:|"]
         for s in strategies:
             ls = summary["label_saving"][s]
             if ls["labels"] is None:
@@ -409,6 +419,8 @@ def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
         echo(f"label saving: {summary['label_saving_note']}")
     elif summary["target_accuracy"] is not None:
         echo(f"label saving (labels to reach random's final accuracy {summary['target_accuracy']:.3f}):")
+        if summary.get("label_saving_caveat"):
+            echo(f"  note: {summary['label_saving_caveat']}")
         for s in strategies:
             ls = summary["label_saving"][s]
             echo(f"  {s}: " + ("not reached" if ls["labels"] is None else

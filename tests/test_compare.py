@@ -42,7 +42,20 @@ def test_label_saving_by_hand():
     assert out["label_saving"]["random"]["labels"] == pytest.approx(30.0)
     assert out["label_saving"]["star"]["labels"] == pytest.approx(20.0)
     assert out["label_saving"]["star"]["pct_of_random"] == pytest.approx(100 * 20 / 30)
-    assert "label_saving_note" not in out
+    assert "label_saving_note" not in out and "label_saving_caveat" not in out
+    assert out["label_saving"]["random"] == {"labels": 30.0, "pct_of_random": 100.0, "saving_pct": 0.0}
+
+    # AG News on 2 cores: random peaked at 32-48 labels and fell back, so its own curve first reaches its
+    # final accuracy between 16 and 32 labels, and a strategy that gets there later shows a negative saving
+    peaked = _label_saving({"random": curve(0.68, 0.81, 0.85, 0.83), "star": curve(0.68, 0.81, 0.82, 0.86)})
+    assert peaked["label_saving"]["random"]["labels"] == pytest.approx(15.0)
+    assert peaked["label_saving"]["star"]["saving_pct"] == pytest.approx(100.0 - 100 * 22.5 / 15)  # 0.82 -> 0.86 over 20-30 labels
+    assert "first reaches its final 0.830 at 15.0 labels, not at its last 30" in peaked["label_saving_caveat"]
+    summary = {"strategies": ["random", "star"], "seeds": [0], "aulc": {}, "curves": {}, **peaked}
+    lines = []
+    print_table({**summary, "curves": {"random": [], "star": []}, "aulc": {"random": {}, "star": {}}}, lines.append)
+    assert any(line.startswith("  note: random's mean curve first reaches") for line in lines)
+    assert "-0%" not in "\n".join(lines)
 
     # BoolQ on the small model: training only lowered accuracy, so random's target is met at 0 labels
     flat = _label_saving({"random": curve(0.70, 0.69, 0.64, 0.61), "star": curve(0.70, 0.69, 0.66, 0.60)})
