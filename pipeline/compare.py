@@ -315,11 +315,12 @@ def _label_saving(curves: dict[str, list[dict]]) -> dict:
     saving["random"] = {"labels": random_needs, "pct_of_random": 100.0, "saving_pct": 0.0}  # exact, not 1e-14 off
     out = {"target_accuracy": target, "label_saving": saving}
     final_labels = mean_curve["random"][-1][0]
-    if random_needs < final_labels:  # random's mean curve rose past its final accuracy and fell back to it
+    if random_needs < final_labels:  # random's mean curve got to its final accuracy before its last point
         out["label_saving_caveat"] = (
-            f"random's mean curve first reaches its final {target:.3f} at {random_needs:.1f} labels, not at its last "
-            f"{final_labels}: it rose above it and fell back. Savings are counted against {random_needs:.1f} labels; "
-            f"compare the curves and AULC too")
+            f"random's mean curve first reaches its final accuracy {target:.3f} at {random_needs:.1f} labels, before "
+            f"its last point ({final_labels} labels). Savings are "
+            f"counted against {random_needs:.1f} labels, so a negative saving means 'reached it later than random "
+            f"first did', not 'needed more labels than random's whole budget'; compare the curves and AULC too")
     return out
 
 
@@ -420,7 +421,7 @@ def print_table(summary: dict, echo: Callable[[str], None] = print) -> None:
     elif summary["target_accuracy"] is not None:
         echo(f"label saving (labels to reach random's final accuracy {summary['target_accuracy']:.3f}):")
         if summary.get("label_saving_caveat"):
-            echo(f"  note: {summary['label_saving_caveat']}")
+            echo(f"  note: {summary['label_saving_caveat']}.")
         for s in strategies:
             ls = summary["label_saving"][s]
             echo(f"  {s}: " + ("not reached" if ls["labels"] is None else

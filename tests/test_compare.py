@@ -50,7 +50,7 @@ def test_label_saving_by_hand():
     peaked = _label_saving({"random": curve(0.68, 0.81, 0.85, 0.83), "star": curve(0.68, 0.81, 0.82, 0.86)})
     assert peaked["label_saving"]["random"]["labels"] == pytest.approx(15.0)
     assert peaked["label_saving"]["star"]["saving_pct"] == pytest.approx(100.0 - 100 * 22.5 / 15)  # 0.82 -> 0.86 over 20-30 labels
-    assert "first reaches its final 0.830 at 15.0 labels, not at its last 30" in peaked["label_saving_caveat"]
+    assert "first reaches its final accuracy 0.830 at 15.0 labels, before its last point (30 labels)" in peaked["label_saving_caveat"]
     summary = {"strategies": ["random", "star"], "seeds": [0], "aulc": {}, "curves": {}, **peaked}
     lines = []
     print_table({**summary, "curves": {"random": [], "star": []}, "aulc": {"random": {}, "star": {}}}, lines.append)
