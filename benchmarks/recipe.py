@@ -35,7 +35,9 @@ def grid_points(grids: list[str]) -> list[list[str]]:
 
 
 def point_name(overrides: list[str]) -> str:
-    return "_".join(o.split(".")[-1].replace("=", "-") for o in overrides) or "defaults"
+    # the key's last part and the whole value: "train.warmup_ratio=0.3" -> "warmup_ratio-0.3" (splitting the
+    # whole override on "." named that point "3")
+    return "_".join(f"{k.split('.')[-1]}-{v}" for k, _, v in (o.partition("=") for o in overrides)) or "defaults"
 
 
 def stability(curve: list[dict]) -> dict:

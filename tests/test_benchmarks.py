@@ -137,6 +137,14 @@ def test_replay_round_gives_the_rounds_own_step_losses_and_changes_only_training
         replay_round.main([str(tmp_path / "run"), "--round", "1", "--set", "al.batch_size=2"])
 
 
+def test_recipe_point_names_keep_decimal_values():
+    from benchmarks.recipe import grid_points, point_name
+
+    points = grid_points(["train.warmup_ratio=0.1,0.3", "lora.r=8"])
+    assert [point_name(p) for p in points] == ["warmup_ratio-0.1_r-8", "warmup_ratio-0.3_r-8"]
+    assert point_name(["train.lr=3e-4"]) == "lr-3e-4" and point_name([]) == "defaults"
+
+
 def test_recipe_runs_a_comparison_per_grid_point_and_counts_runs_ending_on_one_answer(
         ray_local, tiny_model_dir, tmp_path, capsys):
     from benchmarks import recipe
